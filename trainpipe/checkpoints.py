@@ -1,0 +1,59 @@
+"""Checkpoint manifests. A checkpoint counts only once its manifest, written last, lists a sha256
+for every file and those hashes still match; a half-written or corrupted one is skipped on resume.
+Torch-free, so the orchestrator can verify checkpoints without loading them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+MANIFEST = "trainpipe_manifest.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_tree(root: Path) -> list[tuple[str, int, str]]:
+    """(path relative to root, size, sha256) for every file, sorted."""
+    return [(str(p.relative_to(root)), p.stat().st_size, sha256_file(p))
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST]
+
+
+def write_manifest(checkpoint_dir: Path, step: int) -> str:
+    files = {rel: {"size": size, "sha256": digest} for rel, size, digest in hash_tree(checkpoint_dir)}
+    body = json.dumps({"step": step, "files": files}, sort_keys=True, indent=1)
+    tmp = checkpoint_dir / f".{MANIFEST}.tmp"
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.write(body)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, checkpoint_dir / MANIFEST)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def verify(checkpoint_dir: str | Path) -> str | None:
+    """None if the checkpoint is complete and intact, else the reason it cannot be trusted."""
+    root = Path(checkpoint_dir)
+    manifest_path = root / MANIFEST
+    if not root.is_dir():
+        return "directory is missing"
+    if not manifest_path.is_file():
+        return "no manifest (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return "manifest is unreadable"
+    for rel, meta in manifest.get("files", {}).items():
+        path = root / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+            return f"{rel} does not match its sha256"
+    return None

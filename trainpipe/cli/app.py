@@ -1,0 +1,144 @@
+"""The `trainpipe` command. Commands are thin: parse, call the engine, render."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from trainpipe.errors import EXIT_INTERRUPTED, EXIT_USAGE, TrainpipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Reproducible, resumable SFT -> merge -> DPO pipelines with validation gates.")
+
+DbOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the ledger [env: TRAINPIPE_DB].",
+                                               envvar="TRAINPIPE_DB", show_default=False)]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _ledger(db: str | None):
+    from trainpipe.store.ledger import Ledger
+
+    return Ledger(db)
+
+
+def _renderer(json_mode: bool = False):
+    from trainpipe.cli.render import Renderer
+
+    return Renderer(json_mode)
+
+
+def _drive(call, renderer, db: str | None) -> None:
+    """Run `call(ledger, observer)` with live progress, then print the summary and exit with its code."""
+    from trainpipe.cli.render import ProgressObserver
+    from trainpipe.engine.report import run_report
+
+    ledger = _ledger(db)
+    observer = ProgressObserver(renderer)
+    try:
+        result = call(ledger, observer)
+    finally:
+        observer.close()
+    renderer.run_summary(result, run_report(ledger, result.run_id))
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML (the lesson's pipeline_config.yaml format).")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set sft.learning_rate=1e-4")] = None,
+    sft_dataset: Annotated[str | None, typer.Option("--sft-dataset", help="SFT JSONL (overrides datasets.sft).")] = None,
+    preference_dataset: Annotated[str | None, typer.Option("--preference-dataset", help="Preference JSONL.")] = None,
+    db: DbOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Start a new run. Exit codes: 0 ok, 1 stage failed, 2 bad input, 3 gate rejected, 130 interrupted."""
+    from trainpipe.engine import runner
+
+    _drive(lambda ledger, observer: runner.start(str(config), ledger=ledger, overrides=set_ or [],
+                                                 sft_dataset=sft_dataset, preference_dataset=preference_dataset,
+                                                 observer=observer),
+           _renderer(json_output), db)
+
+
+@app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(help="The run to continue (see `trainpipe status`).")],
+    db: DbOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Continue an interrupted or failed run from the first stage that has not passed."""
+    from trainpipe.engine import runner
+
+    _drive(lambda ledger, observer: runner.resume(run_id, ledger=ledger, observer=observer),
+           _renderer(json_output), db)
+
+
+@app.command()
+def status(
+    show_all: Annotated[bool, typer.Option("--all", help="Every run, not only the 20 most recent.")] = False,
+    json_output: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """List runs. A run whose owner process is gone shows as interrupted."""
+    from trainpipe.engine.report import status_rows
+
+    _renderer(json_output).status(status_rows(_ledger(db), show_all=show_all))
+
+
+@app.command()
+def inspect(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    json_output: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """Everything the ledger holds about one run: config, stages, attempts, gates, transitions."""
+    from trainpipe.engine.report import run_report
+
+    _renderer(json_output).inspect(run_report(_ledger(db), run_id))
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo writes its artifacts.")] = Path("trainpipe-demo"),
+    db: DbOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Run configs/quickstart.yaml on the built-in tiny model (CPU, a minute or two)."""
+    from trainpipe.engine import runner
+    from trainpipe.paths import bundled_path
+
+    quickstart = bundled_path("configs/quickstart.yaml")
+    workdir = workdir.resolve()
+    db = db or os.environ.get("TRAINPIPE_DB") or f"sqlite:///{workdir / 'ledger.db'}"
+    _drive(lambda ledger, observer: runner.start(str(quickstart), ledger=ledger, observer=observer,
+                                                 overrides=[f"output_dir={workdir / 'artifacts'}"]),
+           _renderer(json_output), db)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except TrainpipeError as exc:
+        _renderer().error(exc.message, exc.hint)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(EXIT_INTERRUPTED)
+        raise
+
+
+if __name__ == "__main__":
+    main()

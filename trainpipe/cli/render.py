@@ -1,0 +1,221 @@
+"""All terminal output. Only cli/ imports rich. One Renderer with a human and a JSON mode."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from trainpipe.engine.runner import Observer, RunResult
+
+STATE_STYLE = {"succeeded": "green", "passed": "green", "running": "cyan", "validating": "cyan",
+               "interrupted": "yellow", "failed": "red", "rejected": "magenta", "skipped": "dim",
+               "cancelled": "dim", "pending": "dim", "cached": "green"}
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _state(state: str) -> str:
+    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+class Renderer:
+    def __init__(self, json_mode: bool = False):
+        self.json_mode = json_mode
+        self.out = Console(highlight=False)
+        self.err = Console(stderr=True, highlight=False)
+
+    def print_json(self, data: Any) -> None:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+    def error(self, message: str, hint: str | None = None) -> None:
+        self.err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+        if hint:
+            self.err.print(f"[dim]hint: {hint}[/]")
+
+    # ---------------------------------------------------------------- status
+
+    def status(self, rows: list[dict[str, Any]]) -> None:
+        if self.json_mode:
+            return self.print_json(rows)
+        if not rows:
+            self.out.print("No runs yet. Start one with: trainpipe run CONFIG  (or: trainpipe demo)")
+            return
+        table = Table(title="trainpipe runs")
+        for column in ("run id", "pipeline", "state", "stage", "progress", "started", "duration"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row["run_id"], row["pipeline_id"], _state(row["state"]), row["current_stage"] or "-",
+                          f"{row['stages_done']}/{row['stages_total']}", _when(row["started_at"]),
+                          _duration(row["duration_s"]))
+        self.out.print(table)
+        for row in rows:
+            if row["state"] in ("interrupted", "failed"):
+                self.out.print(f"[yellow]{row['run_id']}[/] is {row['state']}: resume with "
+                               f"[bold]trainpipe resume {row['run_id']}[/]")
+
+    # ---------------------------------------------------------------- inspect
+
+    def inspect(self, report: dict[str, Any]) -> None:
+        if self.json_mode:
+            return self.print_json(report)
+        import yaml
+
+        self.out.print(f"[bold]Run {report['run_id']}[/]  {_state(report['state'])}  pipeline {report['pipeline_id']}")
+        self.out.print(f"run dir: {report['run_dir']}")
+        self.out.print(f"final model: {report['final_model_path'] or '-'}")
+        if report["error"]:
+            self.out.print(f"[red]error:[/] {report['error']}")
+        self.out.rule("config snapshot")
+        self.out.print(yaml.safe_dump(report["config"], sort_keys=False).rstrip(), markup=False)
+        for stage in report["stages"]:
+            self.out.rule(f"stage {stage['name']}")
+            self.out.print(f"state {_state(stage['state'])}, attempts {stage['attempts']}, "
+                           f"output {stage['output_path'] or '-'}")
+            for attempt in stage["attempt_history"]:
+                extra = f", resumed from {attempt['resumed_from']}" if attempt["resumed_from"] else ""
+                extra += f", overrides {attempt['overrides']}" if attempt["overrides"] else ""
+                extra += f", error: {attempt['error']}" if attempt["error"] else ""
+                self.out.print(f"  attempt {attempt['attempt']}: {attempt['outcome']} in "
+                               f"{attempt['duration_s']:.1f} s{extra}", markup=False)
+            metrics = {k: v for k, v in stage["metrics"].items() if not isinstance(v, (dict, list))}
+            if metrics:
+                self.out.print("  metrics: " + ", ".join(f"{k}={_short(v)}" for k, v in metrics.items()),
+                               markup=False)
+            if stage["checkpoints"]:
+                self.out.print("  checkpoints: " + ", ".join(f"step {c['step']}" for c in stage["checkpoints"]))
+            if stage["gate"]:
+                self._gate_table(stage["gate"]["name"], stage["gate"]["checks"], stage["gate"]["passed"])
+        self.out.rule("transitions")
+        table = Table()
+        for column in ("#", "time", "stage", "from", "to", "trigger", "pid"):
+            table.add_column(column)
+        for t in report["transitions"]:
+            table.add_row(str(t["id"]), _when(t["at"]), t["stage"] or "(run)", t["from_state"] or "-",
+                          t["to_state"], t["trigger"], str(t["pid"]))
+        self.out.print(table)
+
+    def _gate_table(self, name: str, checks: list[dict[str, Any]], passed: bool, only_failed: bool = False) -> None:
+        table = Table(title=f"gate {name}: {'passed' if passed else 'REJECTED'}")
+        for column in ("check", "result", "value", "threshold", "time", "details"):
+            table.add_column(column)
+        for check in checks:
+            if only_failed and check["passed"]:
+                continue
+            result = "[green]pass[/]" if check["passed"] else (
+                "[yellow]warn[/]" if check.get("severity") == "warn" else "[red]FAIL[/]")
+            table.add_row(check["name"], result, _short(check["value"]), _short(check["threshold"]),
+                          f"{check.get('duration_s') or 0:.2f}s", check.get("details") or "")
+        self.out.print(table)
+
+    # ---------------------------------------------------------------- run
+
+    def run_summary(self, result: RunResult, report: dict[str, Any]) -> None:
+        if self.json_mode:
+            return self.print_json({"run_id": result.run_id, "state": result.state, "exit_code": result.exit_code,
+                                    "final_model_path": result.final_model_path, "errors": result.errors})
+        table = Table(title=f"run {result.run_id}: {result.state}")
+        for column in ("stage", "state", "attempts", "time", "result", "gate"):
+            table.add_column(column)
+        for stage in report["stages"]:
+            metrics = stage["metrics"]
+            key = ("size_gb" if stage["name"] == "merge" else "final_loss")
+            value = f"{key}={_short(metrics.get(key))}" if key in metrics else "-"
+            took = sum(a["duration_s"] for a in stage["attempt_history"])
+            gate = stage["gate"]
+            table.add_row(stage["name"], _state(stage["state"]), str(stage["attempts"]),
+                          f"{took:.1f}s" if stage["attempts"] else "-", value,
+                          "-" if gate is None else ("passed" if gate["passed"] else "[red]rejected[/]"))
+        self.out.print(table)
+        if result.rejected_gate is not None:
+            gate = result.rejected_gate
+            self._gate_table(gate.gate, gate.as_rows(), False, only_failed=True)
+            self.out.print("Fix the cause above (or adjust the thresholds under `validation:`) and start a new run.")
+        for error in result.errors:
+            self.out.print(f"[red]error:[/] {error}", soft_wrap=True)
+        if result.state == "succeeded":
+            self.out.print(f"[green]final model:[/] {result.final_model_path}")
+        elif result.state in ("interrupted", "failed"):
+            self.out.print(f"resume with: [bold]trainpipe resume {result.run_id}[/]")
+
+
+class ProgressObserver(Observer):
+    """Live progress bars per stage: step/total, loss, ETA."""
+
+    def __init__(self, renderer: Renderer):
+        self.renderer = renderer
+        self.console = renderer.err if renderer.json_mode else renderer.out
+        self.progress = Progress(TextColumn("{task.description:<6}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
+                                 console=self.console, transient=False)
+        self.tasks: dict[str, Any] = {}
+        self.started = False
+
+    def run_created(self, run_id: str, run_dir: str) -> None:
+        if self.renderer.json_mode:
+            self.console.print(f"run id: {run_id}")
+        else:
+            self.renderer.out.print(f"Run [bold]{run_id}[/]")
+            self.renderer.out.print(f"[dim]run dir: {run_dir}[/]")
+
+    def _ensure_started(self) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
+
+    def stage_started(self, stage: str, attempt: int, resumed_from: str | None) -> None:
+        self._ensure_started()
+        label = stage if attempt == 1 else f"{stage} #{attempt}"
+        self.tasks[stage] = self.progress.add_task(label, total=None, loss="")
+        if resumed_from:
+            self.progress.console.print(f"{stage}: resuming from {resumed_from}")
+
+    def stage_progress(self, stage: str, step: int, total: int, logs: dict[str, Any] | None) -> None:
+        task = self.tasks.get(stage)
+        if task is None:
+            return
+        fields: dict[str, Any] = {}
+        if logs and "loss" in logs:
+            fields["loss"] = f"loss {logs['loss']:.4f}"
+        self.progress.update(task, completed=step, total=total or None, **fields)
+
+    def stage_finished(self, stage: str, state: str, metrics: dict[str, Any], gate: Any, error: str | None) -> None:
+        task = self.tasks.get(stage)
+        if task is not None:
+            total = self.progress.tasks[task].total
+            self.progress.update(task, completed=total or 1, total=total or 1,
+                                 description=f"{stage} {state}")
+        elif state == "skipped":
+            self._ensure_started()
+            self.progress.console.print(f"{stage}: skipped (disabled)")
+        if error:
+            self.progress.console.print(f"[red]{stage}: {error}[/]", soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        self._ensure_started()
+        self.progress.console.print(f"[yellow]{text}[/]", soft_wrap=True)
+
+    def close(self) -> None:
+        if self.started:
+            self.progress.stop()
+            self.started = False

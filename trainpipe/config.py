@@ -1,0 +1,369 @@
+"""Pipeline configuration: the lesson's YAML format, validated by pydantic when it is loaded.
+
+Precedence for a stage's settings, lowest first: the defaults below (the lesson's), the stage's
+`config_path` file, an inline `sft:`/`dpo:`/`merge:` block in the pipeline file, then `--set`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainpipe.errors import ConfigError
+
+STAGE_ORDER = ("sft", "merge", "dpo")
+BUILTIN_CHECKS = ("output_format_valid", "no_harmful_content")
+_DOTTED_CHECK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_PIPELINE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StageSettings(_Strict):
+    """Keys the lesson's stage files carry, plus a few trainpipe extensions."""
+
+    max_seq_length: int = Field(2048, ge=8, description="Longest tokenized example; longer ones are truncated.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    epochs: float = Field(3, gt=0)
+    batch_size: int = Field(4, ge=1, description="Per-device micro-batch.")
+    gradient_accumulation: int = Field(4, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint interval; defaults to checkpoint_every_n_steps.")
+    beta: float = Field(0.1, gt=0, description="DPO temperature; SFT accepts and ignores it (lesson files carry it).")
+    # trainpipe extensions
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    load_in_4bit: bool = Field(False, description="QLoRA: load the base in bitsandbytes NF4.")
+    logging_steps: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler_type: str = "linear"
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class SFTSettings(StageSettings):
+    pass
+
+
+class DPOSettings(StageSettings):
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16, gt=0)
+    epochs: float = Field(1, gt=0)
+    batch_size: int = Field(2, ge=1)
+    gradient_accumulation: int = Field(8, ge=1)
+    learning_rate: float = Field(5e-5, gt=0)
+    save_merged: bool = Field(False, description="Also save the DPO adapter merged into its base.")
+
+
+class MergeSettings(_Strict):
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the merged weights. The merge always happens in full precision."
+    )
+
+
+STAGE_SETTINGS: dict[str, type[_Strict]] = {"sft": SFTSettings, "merge": MergeSettings, "dpo": DPOSettings}
+
+
+class StageEntry(_Strict):
+    name: Literal["sft", "merge", "dpo"]
+    enabled: bool = True
+    config_path: str | None = None
+    timeout_minutes: float | None = Field(None, gt=0)
+    retry_count: int = Field(0, ge=0, le=10)
+
+
+class ValidationConfig(_Strict):
+    max_loss: float = Field(2.0, gt=0, description="Gate 1: final SFT loss must be below this.")
+    min_accuracy: float = Field(0.7, ge=0, le=1, description="Gate 3: final DPO rewards/accuracies floor.")
+    check_nan: bool = True
+    custom_checks: list[str] = Field(default_factory=list)
+
+    @field_validator("custom_checks")
+    @classmethod
+    def _known_checks(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in BUILTIN_CHECKS and not _DOTTED_CHECK.match(name):
+                close = difflib.get_close_matches(name, BUILTIN_CHECKS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(
+                    f"unknown check '{name}'{hint}; use one of {', '.join(BUILTIN_CHECKS)} "
+                    "or a dotted path 'package.module:function'"
+                )
+        return names
+
+
+class DatasetPaths(_Strict):
+    sft: str | None = None
+    preference: str | None = None
+    eval: str | None = None
+
+
+class PipelineConfig(_Strict):
+    pipeline_id: str
+    base_model: str = Field(description="Hub id, local directory, or 'builtin:tiny-qwen2'.")
+    output_dir: str = "./artifacts"
+    stages: list[StageEntry] = Field(min_length=1)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    gpu_memory_fraction: float = Field(0.9, gt=0, le=1)
+    checkpoint_every_n_steps: int = Field(100, ge=1)
+    save_intermediate: bool = True
+    upload_to_hub: bool = False
+    hub_repo_id: str | None = None
+    # trainpipe extensions
+    backend: Literal["auto", "hf", "unsloth"] = "auto"
+    trust_remote_code: bool = False
+    seed: int = 42
+    datasets: DatasetPaths = Field(default_factory=DatasetPaths)
+    sft: SFTSettings = Field(default_factory=SFTSettings)
+    merge: MergeSettings = Field(default_factory=MergeSettings)
+    dpo: DPOSettings = Field(default_factory=DPOSettings)
+
+    @field_validator("pipeline_id")
+    @classmethod
+    def _safe_id(cls, value: str) -> str:
+        if not _PIPELINE_ID.match(value):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (it names files and runs)")
+        return value
+
+    @model_validator(mode="after")
+    def _stages_consistent(self) -> PipelineConfig:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names repeat: {names}")
+        if names != sorted(names, key=STAGE_ORDER.index):
+            raise ValueError(f"stages must run in the order {' -> '.join(STAGE_ORDER)}, got {names}")
+        if self.enabled("merge") and not self.enabled("sft"):
+            raise ValueError("stage 'merge' needs stage 'sft' enabled: there is no adapter to merge")
+        if self.upload_to_hub and not self.hub_repo_id:
+            raise ValueError("upload_to_hub is true but hub_repo_id is not set")
+        return self
+
+    def stage(self, name: str) -> StageEntry:
+        for entry in self.stages:
+            if entry.name == name:
+                return entry
+        return StageEntry(name=name, enabled=False)  # type: ignore[arg-type]
+
+    def enabled(self, name: str) -> bool:
+        return self.stage(name).enabled
+
+    def checkpoint_interval(self, stage_name: str) -> int:
+        settings = getattr(self, stage_name)
+        return getattr(settings, "save_steps", None) or self.checkpoint_every_n_steps
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path, *, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def _resolve_relative(value: str, config_dir: Path, cwd: Path) -> Path | None:
+    """The lesson's paths are relative to the directory the user runs from; fall back to the config's own."""
+    path = Path(os.path.expanduser(value))
+    if path.is_absolute():
+        return path if path.exists() else None
+    for base in (cwd, config_dir):
+        if (base / path).exists():
+            return (base / path).resolve()
+    return None
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the last element of an error location."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", None)
+        candidates = [annotation, *(inner or [])]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return None
+    return current if isinstance(current, type) else None
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _format_validation_error(exc: ValidationError, model: type[BaseModel], source: str,
+                             override_keys: dict[str, str] | None = None) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+        key = _format_loc(loc) or "(top level)"
+        origin = source
+        for dotted, raw in (override_keys or {}).items():
+            if key == dotted or key.startswith(dotted + "."):
+                origin = f"--set {raw}"
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(model, loc)
+            choices = list(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), choices, n=1, cutoff=0.6)
+            suggestion = f" (did you mean '{close[0]}'?)" if close else ""
+            lines.append(f"{origin}: unknown key '{key}'{suggestion}")
+        elif err["type"] == "missing":
+            lines.append(f"{origin}: missing required key '{key}'")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            given = err.get("input")
+            shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+            lines.append(f"{origin}: key '{key}': {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key=value, e.g. --set sft.learning_rate=1e-4")
+    key, _, raw_value = text.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {text}: empty key")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    return parts, value
+
+
+def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            # `stages.sft.enabled=false` addresses a stage by name, `stages.0.enabled` by index
+            match = next((s for s in node if isinstance(s, dict) and s.get("name") == part), None)
+            if match is None and part.isdigit() and int(part) < len(node):
+                match = node[int(part)]
+            if match is None:
+                raise ConfigError(f"--set {text}: no stage '{part}' in stages")
+            if last:
+                raise ConfigError(f"--set {text}: cannot replace a whole stage entry")
+            node = match
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {text}: '{'.'.join(parts[:i])}' is not a mapping")
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    *,
+    overrides: list[str] | None = None,
+    sft_dataset: str | None = None,
+    preference_dataset: str | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> PipelineConfig:
+    """Load, merge and validate a pipeline config. Paths in the result are absolute.
+
+    Raises ConfigError with a message that names the file and key; nothing is written.
+    """
+    config_path = Path(path)
+    work_dir = Path(cwd) if cwd else Path.cwd()
+    raw = _read_yaml(config_path, what="pipeline config")
+    config_dir = config_path.resolve().parent
+
+    stages = raw.get("stages")
+    if isinstance(stages, list):
+        for index, entry in enumerate(stages):
+            if not isinstance(entry, dict) or not entry.get("config_path"):
+                continue
+            name = entry.get("name")
+            settings_model = STAGE_SETTINGS.get(name)
+            found = _resolve_relative(str(entry["config_path"]), config_dir, work_dir)
+            if found is None:
+                raise ConfigError(
+                    f"{config_path}: key 'stages[{index}].config_path': file '{entry['config_path']}' does not exist "
+                    f"(looked relative to {work_dir} and to {config_dir})"
+                )
+            entry["config_path"] = str(found)
+            stage_raw = _read_yaml(found, what=f"{name} stage config")
+            if settings_model is not None:
+                try:
+                    settings_model.model_validate(stage_raw)
+                except ValidationError as exc:
+                    raise ConfigError(_format_validation_error(exc, settings_model, str(found))) from None
+                inline = raw.get(name) if isinstance(raw.get(name), dict) else {}
+                raw[name] = {**stage_raw, **inline}
+
+    override_keys: dict[str, str] = {}
+    for text in overrides or []:
+        parts, value = _parse_override(text)
+        _apply_override(raw, parts, value, text)
+        override_keys[".".join(parts)] = text
+
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, PipelineConfig, str(config_path), override_keys)) from None
+
+    if sft_dataset:
+        config.datasets.sft = sft_dataset
+    if preference_dataset:
+        config.datasets.preference = preference_dataset
+    for field in ("sft", "preference", "eval"):
+        value = getattr(config.datasets, field)
+        if not value:
+            continue
+        found = _resolve_relative(value, config_dir, work_dir)
+        if found is None:
+            raise ConfigError(f"{config_path}: key 'datasets.{field}': file '{value}' does not exist")
+        setattr(config.datasets, field, str(found))
+
+    out = Path(os.path.expanduser(config.output_dir))
+    config.output_dir = str(out if out.is_absolute() else (work_dir / out).resolve())
+    if config.base_model and not config.base_model.startswith("builtin:"):
+        local = _resolve_relative(config.base_model, config_dir, work_dir)
+        if local is not None and local.is_dir():
+            config.base_model = str(local)
+
+    needs_sft = config.enabled("sft")
+    needs_pref = config.enabled("dpo")
+    if needs_sft and not config.datasets.sft:
+        raise ConfigError(f"{config_path}: stage 'sft' is enabled but no SFT dataset is set "
+                          "(datasets.sft in the config, or --sft-dataset)")
+    if needs_pref and not config.datasets.preference:
+        raise ConfigError(f"{config_path}: stage 'dpo' is enabled but no preference dataset is set "
+                          "(datasets.preference in the config, or --preference-dataset)")
+    return config
+
+
+def config_from_snapshot(snapshot: dict[str, Any]) -> PipelineConfig:
+    """Rebuild a config from the ledger's snapshot (already resolved and absolute)."""
+    return PipelineConfig.model_validate(snapshot)

@@ -1,0 +1,92 @@
+"""Lesson-shaped result files, written from the ledger at the end of every run.
+
+The ledger is the source of truth; these files exist so the lesson's downstream scripts keep
+working. Layout: `<output_dir>/<run_id>/pipeline_result.json` plus `sft/metrics.json`,
+`merged/merge_info.json` and `dpo/metrics.json` inside the run directory, and a copy of the latest
+run's `pipeline_result.json` at `<output_dir>/pipeline_result.json`, where the lesson wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from trainpipe.store.ledger import Ledger
+
+STAGE_FILES = {"sft": ("sft", "metrics.json"), "merge": ("merged", "merge_info.json"), "dpo": ("dpo", "metrics.json")}
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _latest_attempts(ledger: Ledger, run_id: str) -> dict[str, dict[str, Any]]:
+    latest: dict[str, dict[str, Any]] = {}
+    for attempt in ledger.attempts(run_id):
+        latest[attempt["stage"]] = attempt
+    return latest
+
+
+def stage_file_payload(stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    if stage == "sft":
+        return {"final_loss": metrics.get("final_loss"), "total_steps": metrics.get("total_steps"),
+                "epochs_completed": metrics.get("epochs_completed"),
+                "samples_processed": metrics.get("samples_processed")}
+    if stage == "merge":
+        return {key: metrics.get(key) for key in
+                ("base_model", "adapter_path", "merged_path", "size_gb", "merge_time_seconds")}
+    return {"final_loss": metrics.get("final_loss"), "total_steps": metrics.get("total_steps"),
+            "beta_used": metrics.get("beta_used"),
+            **{k: v for k, v in metrics.items() if k.startswith("rewards/")}}
+
+
+def pipeline_result(ledger: Ledger, run_id: str) -> dict[str, Any]:
+    run = ledger.get_run(run_id)
+    stages = {s["name"]: s for s in ledger.stages(run_id)}
+    attempts = _latest_attempts(ledger, run_id)
+    stage_results: dict[str, Any] = {}
+    for name, attempt in attempts.items():
+        metrics = attempt.get("metrics") or {}
+        entry: dict[str, Any] = {
+            "success": stages[name]["state"] == "passed",
+            "time_seconds": (attempt["finished_at"] or attempt["started_at"]) - attempt["started_at"],
+        }
+        if name == "merge":
+            entry["size_gb"] = metrics.get("size_gb")
+        else:
+            entry["loss"] = metrics.get("final_loss")
+        stage_results[name] = entry
+    errors = [e for e in (run.get("error") or "").split("; ") if e]
+    finished = run["finished_at"] or run["updated_at"]
+    return {
+        "success": run["state"] == "succeeded",
+        "pipeline_id": run["pipeline_id"],
+        "final_model_path": run["final_model_path"] if run["state"] == "succeeded" else None,
+        "stages_completed": [s for s, row in stages.items() if row["state"] == "passed"],
+        "total_time_seconds": finished - run["created_at"],
+        "stage_results": stage_results,
+        "errors": errors,
+        "timestamp": datetime.fromtimestamp(finished, timezone.utc).isoformat(),
+        # trainpipe additions; the lesson's readers ignore unknown keys
+        "run_id": run_id,
+        "state": run["state"],
+    }
+
+
+def write_exports(ledger: Ledger, run_id: str) -> dict[str, Any]:
+    run = ledger.get_run(run_id)
+    run_dir = Path(run["run_dir"])
+    result = pipeline_result(ledger, run_id)
+    for name, attempt in _latest_attempts(ledger, run_id).items():
+        folder, filename = STAGE_FILES[name]
+        if (run_dir / folder).is_dir():
+            _write(run_dir / folder / filename, stage_file_payload(name, attempt.get("metrics") or {}))
+    _write(run_dir / "pipeline_result.json", result)
+    _write(Path(run["output_dir"]) / "pipeline_result.json", result)
+    return result

@@ -1,0 +1,83 @@
+"""Read models for `status` and `inspect`, assembled from the ledger. Plain dicts: the CLI renders
+them as tables or JSON."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from trainpipe.engine import liveness
+from trainpipe.paths import check_run_id
+from trainpipe.store.ledger import Ledger
+
+
+def status_rows(ledger: Ledger, *, show_all: bool = False, limit: int = 20) -> list[dict[str, Any]]:
+    now = time.time()
+    runs = ledger.list_runs(limit=None if show_all else limit)
+    runs = liveness.reconcile(ledger, runs, now)
+    progress = ledger.stage_progress([r["run_id"] for r in runs])
+    rows = []
+    for run in runs:
+        done, total = progress.get(run["run_id"], (0, 0))
+        end = run["finished_at"] or (now if run["state"] == "running" else run["updated_at"])
+        rows.append({
+            "run_id": run["run_id"],
+            "pipeline_id": run["pipeline_id"],
+            "state": run["state"],
+            "current_stage": run["current_stage"],
+            "stages_done": done,
+            "stages_total": total,
+            "started_at": run["created_at"],
+            "duration_s": round(end - run["created_at"], 1),
+            "owner": f"pid {run['owner_pid']} on {run['owner_host']}" if run["owner_pid"] else None,
+        })
+    return rows
+
+
+def run_report(ledger: Ledger, run_id: str) -> dict[str, Any]:
+    run = ledger.get_run(check_run_id(run_id))
+    run = liveness.reconcile(ledger, [run], time.time())[0]
+    attempts = ledger.attempts(run_id)
+    checkpoints = ledger.checkpoints(run_id)
+    gates = ledger.gates(run_id)
+    stages = []
+    for stage in ledger.stages(run_id):
+        name = stage["name"]
+        mine = [a for a in attempts if a["stage"] == name]
+        gate = next((g for g in reversed(gates) if g["stage"] == name), None)
+        stages.append({
+            "name": name,
+            "state": stage["state"],
+            "attempts": len(mine),
+            "output_path": stage["output_path"],
+            "metrics": (mine[-1]["metrics"] or {}) if mine else {},
+            "attempt_history": [{
+                "attempt": a["attempt"], "outcome": a["outcome"], "started_at": a["started_at"],
+                "finished_at": a["finished_at"],
+                "duration_s": round((a["finished_at"] or time.time()) - a["started_at"], 2),
+                "exit_code": a["exit_code"], "error": a["error"], "resumed_from": a["resumed_from"],
+                "overrides": a["overrides"] or {},
+            } for a in mine],
+            "checkpoints": [{"step": c["step"], "path": c["path"], "attempt_id": c["attempt_id"]}
+                            for c in checkpoints if c["stage"] == name],
+            "gate": None if gate is None else {
+                "name": gate["gate"], "passed": bool(gate["passed"]),
+                "checks": [{k: c[k] for k in ("name", "passed", "severity", "mode", "value", "threshold",
+                                               "duration_s", "details")} for c in gate["checks"]],
+            },
+        })
+    return {
+        "run_id": run["run_id"],
+        "pipeline_id": run["pipeline_id"],
+        "state": run["state"],
+        "created_at": run["created_at"],
+        "finished_at": run["finished_at"],
+        "run_dir": run["run_dir"],
+        "final_model_path": run["final_model_path"],
+        "error": run["error"],
+        "owner": {"pid": run["owner_pid"], "host": run["owner_host"], "heartbeat_at": run["heartbeat_at"]},
+        "config": run["config_snapshot"],
+        "stages": stages,
+        "transitions": [{k: t[k] for k in ("id", "stage", "from_state", "to_state", "trigger", "at", "pid",
+                                           "host", "detail")} for t in ledger.transitions(run_id)],
+    }

@@ -1,0 +1,342 @@
+"""The run driver: walks a run's stages through the state machine, one child process per attempt.
+
+Every state change is written to the ledger (with its transition row) before the driver acts on
+it; the stage's work happens outside any callback, and the outcome fires the next trigger.
+`start` and `resume` share `_drive`, so a resumed run follows exactly the path a fresh one does.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainpipe import checkpoints
+from trainpipe.config import STAGE_ORDER, PipelineConfig, config_from_snapshot, load_config
+from trainpipe.engine import liveness
+from trainpipe.engine.exports import write_exports
+from trainpipe.engine.machine import RUN_RESUMABLE, STAGE_DONE, RunState, next_state
+from trainpipe.engine.supervisor import ChildOutcome, run_child
+from trainpipe.errors import (
+    EXIT_GATE_REJECTED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_STAGE_FAILED,
+    IllegalTransition,
+    RunOwned,
+)
+from trainpipe.paths import check_run_id, inside
+from trainpipe.stages import OUTPUT_DIRS
+from trainpipe.stages.base import StageSpec
+from trainpipe.stages.data import validate_jsonl
+from trainpipe.store.ledger import Ledger
+from trainpipe.validators import GateContext, GateOutcome, evaluate
+
+RETRY_BACKOFF_S = float(os.environ.get("TRAINPIPE_RETRY_BACKOFF_S", "5"))
+RETRYABLE = {"error", "oom", "killed", "timed_out"}
+
+
+class Observer:
+    """Receives progress; the CLI renders it. Every method is optional."""
+
+    def run_created(self, run_id: str, run_dir: str) -> None: ...
+    def stage_started(self, stage: str, attempt: int, resumed_from: str | None) -> None: ...
+    def stage_progress(self, stage: str, step: int, total: int, logs: dict[str, Any] | None) -> None: ...
+    def stage_finished(self, stage: str, state: str, metrics: dict[str, Any], gate: GateOutcome | None,
+                       error: str | None) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    state: str
+    exit_code: int
+    run_dir: str
+    final_model_path: str | None
+    errors: list[str] = field(default_factory=list)
+    rejected_gate: GateOutcome | None = None
+
+
+def new_run_id(pipeline_id: str) -> str:
+    return f"{pipeline_id}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = None,
+          sft_dataset: str | None = None, preference_dataset: str | None = None,
+          observer: Observer | None = None, run_id: str | None = None) -> RunResult:
+    """Validate everything, then create and drive a new run. Bad input raises before any write."""
+    config = load_config(config_path, overrides=overrides, sft_dataset=sft_dataset,
+                         preference_dataset=preference_dataset)
+    validate_inputs(config)
+    run_id = check_run_id(run_id or new_run_id(config.pipeline_id))
+    run_dir = inside(config.output_dir, run_id)
+    ledger.create_run(run_id=run_id, pipeline_id=config.pipeline_id, config_snapshot=config.model_dump(mode="json"),
+                      config_path=str(Path(config_path).resolve()), output_dir=config.output_dir,
+                      run_dir=str(run_dir), stages=[name for name in STAGE_ORDER])
+    observer = observer or Observer()
+    observer.run_created(run_id, str(run_dir))
+    ledger.transition_run(run_id, "start", _fsm("run", "start"), set_owner=True)
+    return _drive(ledger, run_id, observer)
+
+
+def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None) -> RunResult:
+    run = ledger.get_run(check_run_id(run_id))
+    run = liveness.reconcile(ledger, [run], time.time())[0]
+    state = run["state"]
+    if state == RunState.RUNNING:
+        raise RunOwned(f"run {run_id} is owned by pid {run['owner_pid']} on host {run['owner_host']}",
+                       hint="wait for it to finish, or stop that process first")
+    if state not in RUN_RESUMABLE:
+        raise IllegalTransition(f"run {run_id} is {state}; only interrupted or failed runs can be resumed",
+                                hint="start a new run with `trainpipe run`")
+    # The compare-and-set makes the claim exclusive: of two concurrent resumes, one loses here.
+    from trainpipe.store.ledger import StaleState
+
+    try:
+        ledger.transition_run(run_id, "resume", _fsm("run", "resume"), expect_state=state, set_owner=True,
+                              detail={"from": state}, error=None)
+    except StaleState:
+        fresh = ledger.get_run(run_id)
+        raise RunOwned(f"run {run_id} is owned by pid {fresh['owner_pid']} on host {fresh['owner_host']}") from None
+    observer = observer or Observer()
+    observer.run_created(run_id, run["run_dir"])
+    return _drive(ledger, run_id, observer)
+
+
+def validate_inputs(config: PipelineConfig) -> None:
+    """Every dataset row is checked before any model loads (and before the ledger is touched)."""
+    if config.enabled("sft"):
+        validate_jsonl(config.datasets.sft, "sft")
+    if config.enabled("dpo"):
+        validate_jsonl(config.datasets.preference, "preference")
+    if config.datasets.eval:
+        validate_jsonl(config.datasets.eval, "eval")
+
+
+def _fsm(kind: str, trigger: str):
+    return lambda current: next_state(kind, current, trigger)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM to the orchestrator: ask the running stage to checkpoint and stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _drive(ledger: Ledger, run_id: str, observer: Observer) -> RunResult:
+    run = ledger.get_run(run_id)
+    config = config_from_snapshot(run["config_snapshot"])
+    run_dir = Path(run["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    with _StopFlag() as stop:
+        try:
+            for stage_row in ledger.stages(run_id):
+                name = stage_row["name"]
+                if stage_row["state"] in STAGE_DONE:
+                    continue
+                if stop.requested:
+                    return _finish(ledger, run_id, "interrupt", EXIT_INTERRUPTED, errors, observer)
+                if not config.enabled(name):
+                    ledger.transition_stage(run_id, name, "skip", _fsm("stage", "skip"),
+                                            detail={"reason": "disabled in config"})
+                    observer.stage_finished(name, "skipped", {}, None, None)
+                    continue
+                state, error, gate = _run_stage(ledger, run_id, config, run_dir, name, observer, stop)
+                if error:
+                    errors.append(f"{name}: {error}")
+                if state == "interrupted":
+                    return _finish(ledger, run_id, "interrupt", EXIT_INTERRUPTED, errors, observer)
+                if state == "rejected":
+                    return _finish(ledger, run_id, "reject", EXIT_GATE_REJECTED, errors, observer, gate)
+                if state == "failed":
+                    return _finish(ledger, run_id, "fail", EXIT_STAGE_FAILED, errors, observer)
+            return _finish(ledger, run_id, "succeed", EXIT_OK, errors, observer)
+        except BaseException as exc:
+            # An orchestrator bug must not leave the run `running` behind a live-looking owner.
+            ledger.transition_run(run_id, "fail", _fsm("run", "fail"), clear_owner=True,
+                                  detail={"error": f"{type(exc).__name__}: {exc}"}, error=str(exc))
+            raise
+
+
+def _finish(ledger: Ledger, run_id: str, trigger: str, exit_code: int, errors: list[str], observer: Observer,
+            gate: GateOutcome | None = None) -> RunResult:
+    state = ledger.transition_run(run_id, trigger, _fsm("run", trigger), clear_owner=True,
+                                  detail={"errors": errors} if errors else {},
+                                  error="; ".join(errors) if errors else None)
+    run = ledger.get_run(run_id)
+    write_exports(ledger, run_id)
+    return RunResult(run_id, state, exit_code, run["run_dir"], run["final_model_path"], errors, gate)
+
+
+def _stage_inputs(ledger: Ledger, run_id: str, config: PipelineConfig, name: str) -> dict[str, str | None]:
+    outputs = {s["name"]: s["output_path"] for s in ledger.stages(run_id) if s["state"] == "passed"}
+    if name == "sft":
+        return {"base_model": config.base_model}
+    if name == "merge":
+        return {"base_model": config.base_model, "sft_adapter": outputs.get("sft")}
+    if outputs.get("merge"):
+        return {"policy_model": outputs["merge"]}
+    if outputs.get("sft"):
+        # merge disabled: DPO continues the SFT adapter on the base, against the frozen SFT policy
+        return {"policy_model": config.base_model, "policy_adapter": outputs["sft"]}
+    return {"policy_model": config.base_model}
+
+
+def newest_verified_checkpoint(ledger: Ledger, run_id: str, stage: str) -> tuple[str | None, list[str]]:
+    """The newest checkpoint whose manifest verifies, and why any newer ones were passed over."""
+    skipped: list[str] = []
+    for row in sorted(ledger.checkpoints(run_id, stage), key=lambda r: (r["step"], r["id"]), reverse=True):
+        problem = checkpoints.verify(row["path"])
+        if problem is None:
+            return row["path"], skipped
+        skipped.append(f"{row['path']}: {problem}")
+    return None, skipped
+
+
+def _discard_newer_checkpoints(checkpoint_root: Path, keep: str | None) -> None:
+    """Unrecorded or unverified checkpoints past the resume point would be overwritten anyway."""
+    keep_step = int(Path(keep).name.split("-")[-1]) if keep else -1
+    if checkpoint_root.is_dir():
+        for path in checkpoint_root.glob("checkpoint-*"):
+            if path.name.split("-")[-1].isdigit() and int(path.name.split("-")[-1]) > keep_step:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _oom_overrides(config: PipelineConfig, name: str, previous: dict[str, Any]) -> dict[str, Any]:
+    """Halve the micro-batch and double accumulation, so the effective batch stays the same."""
+    settings = getattr(config, name)
+    batch = previous.get("batch_size", settings.batch_size)
+    accumulation = previous.get("gradient_accumulation", settings.gradient_accumulation)
+    if batch <= 1:
+        return previous
+    return {**previous, "batch_size": batch // 2, "gradient_accumulation": accumulation * 2}
+
+
+def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Path, name: str,
+               observer: Observer, stop: _StopFlag) -> tuple[str, str | None, GateOutcome | None]:
+    entry = config.stage(name)
+    work_dir = inside(run_dir, ".work", name)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = inside(run_dir, OUTPUT_DIRS[name])
+    overrides: dict[str, Any] = {}
+    for attempt_index in range(entry.retry_count + 1):
+        resume_from, skipped = newest_verified_checkpoint(ledger, run_id, name)
+        _discard_newer_checkpoints(work_dir / "checkpoints", resume_from)
+        detail: dict[str, Any] = {"resume_from": resume_from}
+        if skipped:
+            detail["skipped_checkpoints"] = skipped
+        if overrides:
+            detail["overrides"] = overrides
+        ledger.transition_stage(run_id, name, "start", _fsm("stage", "start"), detail=detail)
+        attempt_id, attempt_no = ledger.open_attempt(run_id, name, resumed_from=resume_from, overrides=overrides)
+        observer.stage_started(name, attempt_no, resume_from)
+        spec = StageSpec(stage=name, run_id=run_id, attempt=attempt_no, config=config.model_dump(mode="json"),
+                         run_dir=str(run_dir), output_dir=str(output_dir), work_dir=str(work_dir),
+                         events_path=str(work_dir / f"events-{attempt_no}.jsonl"),
+                         result_path=str(work_dir / f"result-{attempt_no}.json"),
+                         inputs=_stage_inputs(ledger, run_id, config, name), resume_from=resume_from,
+                         overrides=overrides)
+        spec_path = work_dir / f"spec-{attempt_no}.json"
+        spec.save(spec_path)
+
+        def on_event(event: dict[str, Any], _attempt_id: int = attempt_id) -> None:
+            if event["type"] == "checkpoint":
+                ledger.record_checkpoint(run_id, name, _attempt_id, int(event["step"]), event["path"],
+                                         event.get("manifest_sha256"))
+            elif event["type"] in ("progress", "log"):
+                observer.stage_progress(name, int(event.get("step", 0)), int(event.get("total", 0)),
+                                        event.get("logs"))
+
+        outcome = run_child(spec_path, events_path=Path(spec.events_path), result_path=Path(spec.result_path),
+                            log_path=work_dir / "stage.log",
+                            timeout_s=entry.timeout_minutes * 60 if entry.timeout_minutes else None,
+                            on_event=on_event, on_tick=lambda: ledger.heartbeat(run_id),
+                            on_start=lambda pid, _a=attempt_id: ledger.set_attempt_pid(_a, pid),
+                            stop_requested=lambda: stop.requested)
+        if outcome.ok:
+            return _validate(ledger, run_id, config, name, attempt_id, outcome, observer)
+
+        attempt_outcome = {"timed_out": "timed_out", "interrupted": "interrupted"}.get(outcome.kind, "failed")
+        ledger.close_attempt(attempt_id, attempt_outcome, exit_code=outcome.exit_code, error=outcome.error)
+        ledger.transition_stage(run_id, name, "fail", _fsm("stage", "fail"),
+                                detail={"kind": outcome.kind, "error": outcome.error, "exit_code": outcome.exit_code})
+        observer.stage_finished(name, "failed", {}, None, outcome.error)
+        if outcome.kind == "interrupted" or stop.requested:
+            return "interrupted", outcome.error, None
+        last_attempt = attempt_index == entry.retry_count
+        if outcome.kind not in RETRYABLE or last_attempt:
+            return "failed", outcome.error, None
+        if outcome.kind == "oom":
+            overrides = _oom_overrides(config, name, overrides)
+        delay = RETRY_BACKOFF_S * (2 ** attempt_index)
+        observer.note(f"{name}: attempt {attempt_no} {outcome.kind} ({outcome.error}); retrying in {delay:g} s")
+        time.sleep(delay)
+    return "failed", "no attempts left", None
+
+
+def _validate(ledger: Ledger, run_id: str, config: PipelineConfig, name: str, attempt_id: int,
+              outcome: ChildOutcome, observer: Observer) -> tuple[str, str | None, GateOutcome | None]:
+    result = outcome.result
+    history = result.get("log_history", [])
+    metrics = result.get("metrics", {})
+    ledger.record_metrics(run_id, name, attempt_id, _metric_rows(history))
+    ledger.close_attempt(attempt_id, "validating", exit_code=outcome.exit_code,
+                         metrics={**metrics, "final_model_path": result.get("final_model_path")})
+    ledger.transition_stage(run_id, name, "validate", _fsm("stage", "validate"), output_path=result["output_path"])
+    gate = evaluate(GateContext(stage=name, output_path=result["output_path"], metrics=metrics,
+                                log_history=history, config=config))
+    if gate is not None:
+        ledger.record_gate(run_id, name, attempt_id, gate.gate, gate.passed, gate.as_rows())
+    if gate is not None and not gate.passed:
+        failed = ", ".join(c.name for c in gate.failed if c.severity == "error")
+        ledger.close_attempt(attempt_id, "rejected", exit_code=outcome.exit_code,
+                             metrics={**metrics, "final_model_path": result.get("final_model_path")})
+        ledger.transition_stage(run_id, name, "reject", _fsm("stage", "reject"), detail={"failed_checks": failed})
+        observer.stage_finished(name, "rejected", metrics, gate, f"gate {gate.gate} failed: {failed}")
+        return "rejected", f"gate {gate.gate} failed: {failed}", gate
+    files = checkpoints.hash_tree(Path(result["output_path"]))
+    ledger.record_artifacts(run_id, name, [(str(Path(result["output_path"]) / rel), size, digest)
+                                           for rel, size, digest in files])
+    ledger.close_attempt(attempt_id, "passed", exit_code=outcome.exit_code,
+                         metrics={**metrics, "final_model_path": result.get("final_model_path")})
+    ledger.transition_stage(run_id, name, "pass_gate", _fsm("stage", "pass_gate"),
+                            detail={"gate": gate.gate if gate else None})
+    ledger.update_run(run_id, final_model_path=result.get("final_model_path"))
+    if not config.save_intermediate:
+        shutil.rmtree(Path(result["output_path"]).parent / ".work" / name / "checkpoints", ignore_errors=True)
+    observer.stage_finished(name, "passed", metrics, gate, None)
+    return "passed", None, gate
+
+
+def _metric_rows(history: list[dict[str, Any]]) -> list[tuple[int, str, Any]]:
+    rows = []
+    for entry in history:
+        step = int(entry.get("step", 0))
+        for key, value in entry.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                rows.append((step, key, value))
+    return rows

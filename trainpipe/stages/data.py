@@ -1,0 +1,133 @@
+"""Dataset checks and loading. Every row is checked before any model loads, so a bad row costs
+seconds, not a model load; the checks import no torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from trainpipe.errors import DatasetError
+
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+def _check_messages(value: Any, where: str, key: str) -> None:
+    if not isinstance(value, list) or not value:
+        raise DatasetError(f"{where}: field '{key}' must be a non-empty list of messages")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise DatasetError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
+        for field in ("role", "content"):
+            if field not in message:
+                raise DatasetError(f"{where}: missing field '{key}[{i}].{field}'")
+        if message["role"] not in ROLES:
+            raise DatasetError(f"{where}: {key}[{i}].role '{message['role']}' is not one of {sorted(ROLES)}")
+        if not isinstance(message["content"], str):
+            raise DatasetError(f"{where}: {key}[{i}].content must be a string")
+
+
+def _check_text(row: dict[str, Any], key: str, where: str, *, allow_messages: bool) -> None:
+    if key not in row:
+        raise DatasetError(f"{where}: missing field '{key}'")
+    value = row[key]
+    if isinstance(value, str):
+        if not value.strip():
+            raise DatasetError(f"{where}: field '{key}' is empty")
+    elif allow_messages and isinstance(value, list):
+        _check_messages(value, where, key)
+    else:
+        kinds = "a string or a list of messages" if allow_messages else "a string"
+        raise DatasetError(f"{where}: field '{key}' must be {kinds}")
+
+
+def _check_sft_row(row: dict[str, Any], where: str) -> str:
+    if "messages" in row:
+        _check_messages(row["messages"], where, "messages")
+        if not any(m["role"] == "assistant" for m in row["messages"]):
+            raise DatasetError(f"{where}: 'messages' has no assistant turn to learn from")
+        return "messages"
+    if "prompt" in row or "completion" in row:
+        _check_text(row, "prompt", where, allow_messages=True)
+        _check_text(row, "completion", where, allow_messages=True)
+        return "prompt_completion"
+    if "text" in row:
+        _check_text(row, "text", where, allow_messages=False)
+        return "text"
+    raise DatasetError(f"{where}: missing field 'messages' (or 'prompt'/'completion', or 'text')")
+
+
+def _check_preference_row(row: dict[str, Any], where: str) -> str:
+    for key in ("prompt", "chosen", "rejected"):
+        _check_text(row, key, where, allow_messages=True)
+    if row["chosen"] == row["rejected"]:
+        raise DatasetError(f"{where}: 'chosen' and 'rejected' are identical")
+    return "preference"
+
+
+_CHECKERS = {"sft": _check_sft_row, "preference": _check_preference_row, "eval": _check_sft_row}
+
+
+def validate_jsonl(path: str | Path, kind: str) -> dict[str, Any]:
+    """Check every row; return {'rows': n, 'format': ...}. Raises DatasetError naming file:line."""
+    file = Path(path)
+    if not file.is_file():
+        raise DatasetError(f"{file}: {kind} dataset not found")
+    check = _CHECKERS[kind]
+    formats: set[str] = set()
+    rows = 0
+    with file.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{file}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"{where}: each line must be a JSON object")
+            formats.add(check(row, where))
+            rows += 1
+    if rows == 0:
+        raise DatasetError(f"{file}: {kind} dataset is empty")
+    if len(formats) > 1:
+        raise DatasetError(f"{file}: rows mix formats {sorted(formats)}; use one format per file")
+    return {"rows": rows, "format": formats.pop()}
+
+
+def load_rows(path: str | Path) -> list[dict[str, Any]]:
+    with Path(path).open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def to_hf_dataset(path: str | Path, kind: str):
+    """A `datasets.Dataset` in the shape TRL expects (conversational or standard)."""
+    from datasets import Dataset
+
+    rows = load_rows(path)
+    if kind == "sft" and "messages" in rows[0]:
+        # Keep only the keys TRL reads; extra per-row metadata would become columns of mixed types.
+        rows = [{"messages": r["messages"]} for r in rows]
+    elif kind == "sft" and "prompt" in rows[0]:
+        rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    elif kind == "sft":
+        rows = [{"text": r["text"]} for r in rows]
+    else:
+        rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+        rows = [_as_conversational(r) for r in rows]
+    return Dataset.from_list(rows)
+
+
+def _as_conversational(row: dict[str, Any]) -> dict[str, Any]:
+    """TRL wants prompt/chosen/rejected all strings or all message lists; lift strings to messages."""
+    if all(isinstance(row[k], str) for k in ("prompt", "chosen", "rejected")):
+        return {"prompt": [{"role": "user", "content": row["prompt"]}],
+                "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                "rejected": [{"role": "assistant", "content": row["rejected"]}]}
+
+    def lift(value: Any, role: str) -> list[dict[str, str]]:
+        return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+    return {"prompt": lift(row["prompt"], "user"), "chosen": lift(row["chosen"], "assistant"),
+            "rejected": lift(row["rejected"], "assistant")}

@@ -1,0 +1,55 @@
+"""SFT: LoRA (or QLoRA with load_in_4bit) on the configured target modules."""
+
+from __future__ import annotations
+
+from trainpipe.stages.base import StageContext, StageResult
+from trainpipe.stages.data import to_hf_dataset
+from trainpipe.stages.loading import load_for_lora_training, resolve_model, select_backend
+from trainpipe.stages.training import (
+    callbacks,
+    finalize_output,
+    log_losses,
+    patch_trl_for_cpu,
+    staging_dir,
+    train,
+    trainer_kwargs,
+    write_stage_record,
+)
+
+
+def run(ctx: StageContext) -> StageResult:
+    from trl import SFTConfig, SFTTrainer
+
+    settings = ctx.settings()
+    backend = select_backend(ctx.config.backend)
+    base = resolve_model(ctx.spec.inputs["base_model"])
+    model, tokenizer, peft_config = load_for_lora_training(base, settings, ctx.config, backend)
+    dataset = to_hf_dataset(ctx.config.datasets.sft, "sft")
+
+    patch_trl_for_cpu()
+    args = SFTConfig(**trainer_kwargs(ctx, settings), packing=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=callbacks(ctx))
+    outcome = train(trainer, ctx)
+
+    staging = staging_dir(ctx)
+    trainer.model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    history = list(trainer.state.log_history)
+    losses = log_losses(history)
+    effective_batch = settings.batch_size * settings.gradient_accumulation
+    metrics = {
+        "final_loss": losses[-1] if losses else float(outcome.training_loss),
+        "train_loss": float(outcome.training_loss),
+        "total_steps": int(trainer.state.global_step),
+        "epochs_completed": float(trainer.state.epoch or 0),
+        "samples_processed": min(trainer.state.global_step * effective_batch,
+                                 int(len(dataset) * (trainer.state.epoch or 0) + 0.5)),
+        "samples": len(dataset),
+        "backend": backend,
+        "load_in_4bit": settings.load_in_4bit,
+        "base_model": base,
+    }
+    write_stage_record(staging, metrics)
+    final = finalize_output(ctx, staging)
+    return StageResult(output_path=str(final), metrics=metrics, log_history=history, final_model_path=str(final))

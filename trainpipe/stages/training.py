@@ -1,0 +1,180 @@
+"""Helpers SFT and DPO share: trainer arguments, callbacks, the trl 1.15 CPU shim, and output finalising."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+from trainpipe.checkpoints import write_manifest
+from trainpipe.stages.base import StageContext
+
+# Set by SIGTERM/SIGINT in the stage process: save at the next step boundary and stop (preemption).
+_STOP_REQUESTED = {"flag": False}
+
+
+def install_preemption_handler() -> None:
+    def request_stop(signum: int, _frame: Any) -> None:
+        _STOP_REQUESTED["flag"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+
+def stop_requested() -> bool:
+    return _STOP_REQUESTED["flag"]
+
+
+def trainer_kwargs(ctx: StageContext, settings: Any) -> dict[str, Any]:
+    """Arguments shared by SFTConfig and DPOConfig."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(ctx.work_dir / "checkpoints"),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps or -1,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation,
+        learning_rate=settings.learning_rate,
+        # transformers 5 takes a warmup ratio as a float in [0, 1) through warmup_steps.
+        warmup_steps=min(settings.warmup_ratio, 0.999) if settings.warmup_ratio else 0,
+        lr_scheduler_type=settings.lr_scheduler_type,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        logging_steps=settings.logging_steps,
+        # Gates must see NaN/inf losses; transformers hides them from the logs by default.
+        logging_nan_inf_filter=False,
+        save_strategy="steps",
+        save_steps=ctx.config.checkpoint_interval(ctx.spec.stage),
+        seed=ctx.config.seed,
+        data_seed=ctx.config.seed,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        fp16=cuda and not torch.cuda.is_bf16_supported(),
+        dataloader_num_workers=0,
+        max_length=settings.max_seq_length,
+        # On a GPU it trades compute for memory; on CPU it only costs time.
+        gradient_checkpointing=cuda,
+    )
+    return kwargs
+
+
+def callbacks(ctx: StageContext) -> list[Any]:
+    from transformers import TrainerCallback
+
+    events = ctx.events
+    fault = ctx.spec.fault or {}
+
+    class PipelineCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            events.emit("progress", step=state.global_step, total=state.max_steps)
+
+        def on_step_end(self, args, state, control, **kw):
+            events.emit("progress", step=state.global_step, total=state.max_steps)
+            if fault.get("step") == state.global_step:
+                _inject_fault(fault)
+            if stop_requested():
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs:
+                events.emit("log", step=state.global_step, total=state.max_steps, logs=logs)
+
+        def on_save(self, args, state, control, **kw):
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():
+                digest = write_manifest(checkpoint, state.global_step)
+                events.emit("checkpoint", step=state.global_step, path=str(checkpoint), manifest_sha256=digest)
+
+    return [PipelineCallback()]
+
+
+def _inject_fault(fault: dict[str, Any]) -> None:
+    """Test hook (TRAINPIPE_FAULT): real OOM and real crashes cannot be provoked reliably on demand."""
+    action = fault.get("action")
+    if action == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError("injected CUDA out of memory (TRAINPIPE_FAULT)")
+    if action == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "crash":
+        raise RuntimeError("injected crash (TRAINPIPE_FAULT)")
+
+
+def patch_trl_for_cpu() -> None:
+    """trl 1.15 computes every loss through a Triton kernel and has no CPU fallback (trl 1.16 does).
+
+    Without Triton, its `_ChunkedLogProbFunction` is None and training fails; give it the same
+    contract in plain torch. Only fires on that combination; trl 1.16+ is left alone.
+    """
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:
+        return
+    if not hasattr(trl_utils, "_ChunkedLogProbFunction") or trl_utils._ChunkedLogProbFunction is not None:
+        return
+    import torch
+
+    class TorchLogProb:
+        @staticmethod
+        def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
+                  outputs=("log_probs",)):
+            logits = torch.nn.functional.linear(hidden, weight, bias).float() * logit_scale
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
+            logits = logits / temperature
+            log_softmax = logits.log_softmax(-1)
+            log_probs = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            entropy = -(log_softmax.exp() * log_softmax).sum(-1) if "entropy" in outputs else None
+            log_sum_sq = torch.logsumexp(2 * log_softmax, -1).detach() if "log_sum_sq_probs" in outputs else None
+            mean_logits = logits.mean(-1).detach() if "mean_logits" in outputs else None
+            is_top1 = (logits.argmax(-1) == targets) if "is_top1" in outputs else None
+            return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+
+    trl_utils._ChunkedLogProbFunction = TorchLogProb
+
+
+def train(trainer: Any, ctx: StageContext) -> Any:
+    """Run the trainer, resuming from the verified checkpoint the orchestrator chose, if any."""
+    result = trainer.train(resume_from_checkpoint=ctx.spec.resume_from or None)
+    if stop_requested():
+        raise Preempted(f"{ctx.spec.stage} stopped at step {trainer.state.global_step} on request")
+    return result
+
+
+class Preempted(Exception):
+    """The stage saved a checkpoint and stopped because SIGTERM/SIGINT asked it to."""
+
+
+def log_losses(history: list[dict[str, Any]], key: str = "loss") -> list[float]:
+    return [float(entry[key]) for entry in history if key in entry]
+
+
+def finalize_output(ctx: StageContext, staging: Path) -> Path:
+    """Rename the finished output into place, so a half-written one is never taken for finished."""
+    final = ctx.output_dir
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, final)
+    return final
+
+
+def staging_dir(ctx: StageContext) -> Path:
+    path = ctx.work_dir / f"output.tmp-{ctx.spec.attempt}"
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def write_stage_record(staging: Path, data: dict[str, Any]) -> None:
+    (staging / "trainpipe_stage.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str))

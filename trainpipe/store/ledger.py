@@ -1,0 +1,338 @@
+"""The ledger: the only code that reads or writes the database.
+
+Guarantees:
+- every state change and its transition row commit in one transaction, or neither does;
+- a state change is a compare-and-set: it fires only from the state the caller's resolver saw,
+  under a write lock (SQLite `BEGIN IMMEDIATE`), so two observers cannot both act on one run;
+- the transitions table is append-only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, Integer, create_engine, event, func, insert, select, update
+from sqlalchemy.engine import Connection
+
+from trainpipe.errors import RunNotFound, TrainpipeError
+from trainpipe.store import schema as s
+
+HOST = socket.gethostname()
+
+# Ordered, named migrations; each runs once and is recorded. New ones go at the end.
+MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
+    ("0001_initial", lambda conn: s.metadata.create_all(conn)),
+]
+
+
+def default_db_url() -> str:
+    if os.environ.get("TRAINPIPE_DB"):
+        return os.environ["TRAINPIPE_DB"]
+    home = Path(os.environ.get("TRAINPIPE_HOME") or Path.home() / ".trainpipe")
+    return f"sqlite:///{home / 'ledger.db'}"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # pysqlite's own BEGIN handling would defeat BEGIN IMMEDIATE below.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # Writers take the lock up front: a deferred transaction that later upgrades to a write lock
+    # can fail with "database is locked" without waiting for busy_timeout.
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("tp_write") else "BEGIN")
+
+
+def _finite(value: Any) -> tuple[float | None, str | None]:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None, str(value)[:32]
+    return (number, None) if math.isfinite(number) else (None, repr(number))
+
+
+class Ledger:
+    def __init__(self, url: str | None = None):
+        self.url = url or default_db_url()
+        if self.url.startswith("sqlite:///") and not self.url.startswith("sqlite:///:memory:"):
+            Path(self.url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        self._engine: Engine = create_engine(self.url, future=True)
+        if self._engine.dialect.name == "sqlite":
+            event.listen(self._engine, "connect", _sqlite_pragmas)
+            event.listen(self._engine, "begin", _sqlite_begin)
+        self._writer = self._engine.execution_options(tp_write=True)
+        self._migrate()
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def _migrate(self) -> None:
+        with self._writer.begin() as conn:
+            s.schema_migrations.create(conn, checkfirst=True)
+            done = set(conn.scalars(select(s.schema_migrations.c.name)))
+            for name, apply in MIGRATIONS:
+                if name not in done:
+                    apply(conn)
+                    conn.execute(insert(s.schema_migrations).values(name=name, applied_at=time.time()))
+
+    # ------------------------------------------------------------ runs
+
+    def create_run(self, *, run_id: str, pipeline_id: str, config_snapshot: dict[str, Any],
+                   config_path: str | None, output_dir: str, run_dir: str,
+                   stages: Iterable[str]) -> None:
+        """Insert a pending run with its stages pending, and the `create` transition."""
+        now = time.time()
+        with self._writer.begin() as conn:
+            conn.execute(insert(s.runs).values(
+                run_id=run_id, pipeline_id=pipeline_id, state="pending", config_path=config_path,
+                config_snapshot=config_snapshot, output_dir=output_dir, run_dir=run_dir,
+                created_at=now, updated_at=now))
+            for position, name in enumerate(stages):
+                conn.execute(insert(s.stages).values(run_id=run_id, name=name, position=position,
+                                                     state="pending", updated_at=now))
+            self._append_transition(conn, run_id, None, None, "pending", "create", {})
+
+    def _append_transition(self, conn: Connection, run_id: str, stage: str | None, from_state: str | None,
+                           to_state: str, trigger: str, detail: dict[str, Any] | None) -> None:
+        conn.execute(insert(s.transitions).values(
+            run_id=run_id, stage=stage, from_state=from_state, to_state=to_state, trigger=trigger,
+            at=time.time(), pid=os.getpid(), host=HOST, detail=detail or {}))
+
+    def transition_run(self, run_id: str, trigger: str, resolve: Callable[[str], str], *,
+                       detail: dict[str, Any] | None = None, expect_state: str | None = None,
+                       set_owner: bool = False, clear_owner: bool = False,
+                       **fields: Any) -> str:
+        """Move a run by `trigger`; `resolve(current)` returns the new state or raises.
+
+        With `expect_state`, the change only happens if the run is still in that state (the
+        compare-and-set that liveness detection relies on); otherwise IllegalTransition is raised by
+        `resolve` or a StaleState is raised here.
+        """
+        with self._writer.begin() as conn:
+            row = conn.execute(select(s.runs.c.state).where(s.runs.c.run_id == run_id).with_for_update()).first()
+            if row is None:
+                raise RunNotFound(f"no run with id '{run_id}'")
+            current = row.state
+            if expect_state is not None and current != expect_state:
+                raise StaleState(f"run {run_id} is {current}, not {expect_state}")
+            new = resolve(current)
+            values: dict[str, Any] = {"state": new, "updated_at": time.time(), **fields}
+            if set_owner:
+                values.update(owner_pid=os.getpid(), owner_host=HOST, heartbeat_at=time.time())
+            if clear_owner:
+                values.update(owner_pid=None, owner_host=None)
+            if new in ("succeeded", "failed", "rejected", "cancelled", "interrupted"):
+                values.setdefault("finished_at", time.time())
+            elif new == "running":
+                values["finished_at"] = None
+            conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(**values))
+            self._append_transition(conn, run_id, None, current, new, trigger, detail)
+            return new
+
+    def transition_stage(self, run_id: str, stage: str, trigger: str, resolve: Callable[[str], str], *,
+                         detail: dict[str, Any] | None = None, output_path: str | None = None) -> str:
+        with self._writer.begin() as conn:
+            row = conn.execute(select(s.stages.c.state).where(
+                s.stages.c.run_id == run_id, s.stages.c.name == stage).with_for_update()).first()
+            if row is None:
+                raise RunNotFound(f"run '{run_id}' has no stage '{stage}'")
+            current = row.state
+            new = resolve(current)
+            values: dict[str, Any] = {"state": new, "updated_at": time.time()}
+            if output_path is not None:
+                values["output_path"] = output_path
+            conn.execute(update(s.stages).where(s.stages.c.run_id == run_id, s.stages.c.name == stage)
+                         .values(**values))
+            run_values: dict[str, Any] = {"updated_at": time.time()}
+            if new == "running":
+                run_values["current_stage"] = stage
+            conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(**run_values))
+            self._append_transition(conn, run_id, stage, current, new, trigger, detail)
+            return new
+
+    def heartbeat(self, run_id: str) -> bool:
+        """Refresh the owner's heartbeat; False if this process no longer owns the run."""
+        with self._writer.begin() as conn:
+            result = conn.execute(update(s.runs).where(
+                s.runs.c.run_id == run_id, s.runs.c.owner_pid == os.getpid(), s.runs.c.owner_host == HOST,
+            ).values(heartbeat_at=time.time()))
+            return result.rowcount == 1
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        with self._writer.begin() as conn:
+            conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(updated_at=time.time(), **fields))
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(s.runs).where(s.runs.c.run_id == run_id)).mappings().first()
+        if row is None:
+            raise RunNotFound(f"no run with id '{run_id}'", hint="`trainpipe status --all` lists runs")
+        return dict(row)
+
+    def list_runs(self, *, limit: int | None = 50, states: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        query = select(s.runs.c.run_id, s.runs.c.pipeline_id, s.runs.c.state, s.runs.c.current_stage,
+                       s.runs.c.created_at, s.runs.c.updated_at, s.runs.c.finished_at, s.runs.c.owner_pid,
+                       s.runs.c.owner_host, s.runs.c.heartbeat_at, s.runs.c.output_dir)
+        if states is not None:
+            query = query.where(s.runs.c.state.in_(list(states)))
+        query = query.order_by(s.runs.c.created_at.desc())
+        if limit:
+            query = query.limit(limit)
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def stage_progress(self, run_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """run_id -> (stages done, stages total), for the status table."""
+        if not run_ids:
+            return {}
+        done = func.sum((s.stages.c.state.in_(["passed", "skipped", "cached"])).cast(Integer))
+        query = (select(s.stages.c.run_id, done, func.count())
+                 .where(s.stages.c.run_id.in_(run_ids)).group_by(s.stages.c.run_id))
+        with self._engine.connect() as conn:
+            return {r[0]: (int(r[1] or 0), int(r[2])) for r in conn.execute(query)}
+
+    def stages(self, run_id: str) -> list[dict[str, Any]]:
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(
+                select(s.stages).where(s.stages.c.run_id == run_id).order_by(s.stages.c.position)).mappings()]
+
+    def count_runs(self) -> int:
+        with self._engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(s.runs)) or 0)
+
+    # ------------------------------------------------------------ attempts
+
+    def open_attempt(self, run_id: str, stage: str, *, pid: int | None = None,
+                     resumed_from: str | None = None, overrides: dict[str, Any] | None = None) -> tuple[int, int]:
+        """Open the next attempt of a stage; returns (attempt row id, attempt number from 1)."""
+        with self._writer.begin() as conn:
+            last = conn.scalar(select(func.max(s.stage_attempts.c.attempt)).where(
+                s.stage_attempts.c.run_id == run_id, s.stage_attempts.c.stage == stage)) or 0
+            result = conn.execute(insert(s.stage_attempts).values(
+                run_id=run_id, stage=stage, attempt=last + 1, outcome="running", started_at=time.time(),
+                pid=pid or os.getpid(), host=HOST, resumed_from=resumed_from, overrides=overrides or {}))
+            return int(result.inserted_primary_key[0]), last + 1
+
+    def close_attempt(self, attempt_id: int, outcome: str, *, exit_code: int | None = None,
+                      error: str | None = None, metrics: dict[str, Any] | None = None) -> None:
+        with self._writer.begin() as conn:
+            conn.execute(update(s.stage_attempts).where(s.stage_attempts.c.id == attempt_id).values(
+                outcome=outcome, finished_at=time.time(), exit_code=exit_code, error=error, metrics=metrics))
+
+    def set_attempt_pid(self, attempt_id: int, pid: int) -> None:
+        with self._writer.begin() as conn:
+            conn.execute(update(s.stage_attempts).where(s.stage_attempts.c.id == attempt_id).values(pid=pid))
+
+    def close_open_attempts(self, run_id: str, outcome: str, error: str) -> int:
+        """Close attempts a dead owner left `running`."""
+        with self._writer.begin() as conn:
+            result = conn.execute(update(s.stage_attempts).where(
+                s.stage_attempts.c.run_id == run_id, s.stage_attempts.c.outcome == "running",
+            ).values(outcome=outcome, finished_at=time.time(), error=error))
+            return result.rowcount
+
+    def attempts(self, run_id: str, stage: str | None = None) -> list[dict[str, Any]]:
+        query = select(s.stage_attempts).where(s.stage_attempts.c.run_id == run_id)
+        if stage:
+            query = query.where(s.stage_attempts.c.stage == stage)
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query.order_by(s.stage_attempts.c.id)).mappings()]
+
+    # ------------------------------------------------------------ records
+
+    def record_checkpoint(self, run_id: str, stage: str, attempt_id: int, step: int, path: str,
+                          manifest_sha256: str | None) -> None:
+        with self._writer.begin() as conn:
+            conn.execute(insert(s.checkpoints).values(
+                run_id=run_id, stage=stage, attempt_id=attempt_id, step=step, path=path,
+                manifest_sha256=manifest_sha256, created_at=time.time()))
+
+    def checkpoints(self, run_id: str, stage: str | None = None) -> list[dict[str, Any]]:
+        query = select(s.checkpoints).where(s.checkpoints.c.run_id == run_id)
+        if stage:
+            query = query.where(s.checkpoints.c.stage == stage)
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query.order_by(s.checkpoints.c.id)).mappings()]
+
+    def record_metrics(self, run_id: str, stage: str, attempt_id: int,
+                       rows: Iterable[tuple[int, str, Any]]) -> int:
+        values = []
+        for step, name, value in rows:
+            number, raw = _finite(value)
+            values.append({"run_id": run_id, "stage": stage, "attempt_id": attempt_id, "step": int(step),
+                           "name": name, "value": number, "raw": raw})
+        if values:
+            with self._writer.begin() as conn:
+                conn.execute(insert(s.metrics), values)
+        return len(values)
+
+    def metrics(self, run_id: str, stage: str | None = None) -> list[dict[str, Any]]:
+        query = select(s.metrics).where(s.metrics.c.run_id == run_id)
+        if stage:
+            query = query.where(s.metrics.c.stage == stage)
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query.order_by(s.metrics.c.id)).mappings()]
+
+    def record_gate(self, run_id: str, stage: str, attempt_id: int | None, gate: str, passed: bool,
+                    checks: list[dict[str, Any]]) -> int:
+        """Write a gate outcome and every check's result together."""
+        with self._writer.begin() as conn:
+            result = conn.execute(insert(s.gate_results).values(
+                run_id=run_id, stage=stage, attempt_id=attempt_id, gate=gate, passed=passed,
+                created_at=time.time()))
+            gate_id = int(result.inserted_primary_key[0])
+            if checks:
+                conn.execute(insert(s.gate_checks), [{
+                    "gate_result_id": gate_id, "name": c["name"], "passed": bool(c["passed"]),
+                    "severity": c.get("severity", "error"), "mode": c.get("mode", "sequential"),
+                    "value": c.get("value"), "threshold": c.get("threshold"),
+                    "duration_s": c.get("duration_s"), "details": c.get("details"),
+                } for c in checks])
+            return gate_id
+
+    def gates(self, run_id: str) -> list[dict[str, Any]]:
+        with self._engine.connect() as conn:
+            gates = [dict(r) for r in conn.execute(select(s.gate_results).where(
+                s.gate_results.c.run_id == run_id).order_by(s.gate_results.c.id)).mappings()]
+            for gate in gates:
+                gate["checks"] = [dict(r) for r in conn.execute(select(s.gate_checks).where(
+                    s.gate_checks.c.gate_result_id == gate["id"]).order_by(s.gate_checks.c.id)).mappings()]
+        return gates
+
+    def record_artifacts(self, run_id: str, stage: str, files: Iterable[tuple[str, int, str]]) -> None:
+        now = time.time()
+        rows = [{"run_id": run_id, "stage": stage, "path": p, "size_bytes": n, "sha256": h, "created_at": now}
+                for p, n, h in files]
+        if rows:
+            with self._writer.begin() as conn:
+                conn.execute(insert(s.artifacts), rows)
+
+    def artifacts(self, run_id: str) -> list[dict[str, Any]]:
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(s.artifacts).where(
+                s.artifacts.c.run_id == run_id).order_by(s.artifacts.c.id)).mappings()]
+
+    def transitions(self, run_id: str) -> list[dict[str, Any]]:
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(s.transitions).where(
+                s.transitions.c.run_id == run_id).order_by(s.transitions.c.id)).mappings()]
+
+    def integrity_check(self) -> str:
+        with self._engine.connect() as conn:
+            return str(conn.exec_driver_sql("PRAGMA integrity_check").scalar())
+
+
+class StaleState(TrainpipeError):
+    """A compare-and-set lost: the run moved since the caller looked."""

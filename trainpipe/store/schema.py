@@ -1,0 +1,152 @@
+"""Ledger tables (SQLAlchemy Core). Times are UNIX seconds (REAL) so durations need no parsing."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+runs = Table(
+    "runs", metadata,
+    Column("run_id", String(128), primary_key=True),
+    Column("pipeline_id", String(128), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("config_path", Text),
+    Column("config_snapshot", JSON, nullable=False),
+    Column("output_dir", Text, nullable=False),
+    Column("run_dir", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("owner_pid", Integer),
+    Column("owner_host", String(255)),
+    Column("heartbeat_at", Float),
+    Column("current_stage", String(16)),
+    Column("final_model_path", Text),
+    Column("error", Text),
+)
+Index("ix_runs_created", runs.c.created_at)
+
+stages = Table(
+    "stages", metadata,
+    Column("run_id", String(128), ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(16), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("output_path", Text),
+    Column("updated_at", Float, nullable=False),
+)
+
+stage_attempts = Table(
+    "stage_attempts", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(128), ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False),
+    Column("stage", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("outcome", String(16), nullable=False),  # running, passed, failed, rejected, interrupted, timed_out
+    Column("started_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("pid", Integer),
+    Column("host", String(255)),
+    Column("exit_code", Integer),
+    Column("error", Text),
+    Column("resumed_from", Text),
+    Column("overrides", JSON),  # e.g. the OOM retry's halved batch
+    Column("metrics", JSON),
+    UniqueConstraint("run_id", "stage", "attempt"),
+)
+
+transitions = Table(
+    "transitions", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(128), ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False),
+    Column("stage", String(16)),  # NULL for run-level transitions
+    Column("from_state", String(16)),
+    Column("to_state", String(16), nullable=False),
+    Column("trigger", String(32), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("pid", Integer),
+    Column("host", String(255)),
+    Column("detail", JSON),
+)
+Index("ix_transitions_run", transitions.c.run_id, transitions.c.id)
+
+checkpoints = Table(
+    "checkpoints", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(128), ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False),
+    Column("stage", String(16), nullable=False),
+    Column("attempt_id", Integer, ForeignKey("stage_attempts.id")),
+    Column("step", Integer, nullable=False),
+    Column("path", Text, nullable=False),
+    Column("manifest_sha256", String(64)),
+    Column("created_at", Float, nullable=False),
+)
+
+gate_results = Table(
+    "gate_results", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(128), ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False),
+    Column("stage", String(16), nullable=False),
+    Column("attempt_id", Integer, ForeignKey("stage_attempts.id")),
+    Column("gate", String(32), nullable=False),
+    Column("passed", Boolean, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+gate_checks = Table(
+    "gate_checks", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("gate_result_id", Integer, ForeignKey("gate_results.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("passed", Boolean, nullable=False),
+    Column("severity", String(8), nullable=False),
+    Column("mode", String(16), nullable=False),
+    Column("value", JSON),
+    Column("threshold", JSON),
+    Column("duration_s", Float),
+    Column("details", Text),
+)
+
+metrics = Table(
+    "metrics", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(128), ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False),
+    Column("stage", String(16), nullable=False),
+    Column("attempt_id", Integer, ForeignKey("stage_attempts.id")),
+    Column("step", Integer, nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("value", Float),  # NULL stores a NaN/inf the trainer logged; see `raw`
+    Column("raw", String(32)),
+)
+Index("ix_metrics_run_stage", metrics.c.run_id, metrics.c.stage)
+
+artifacts = Table(
+    "artifacts", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(128), ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False),
+    Column("stage", String(16), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("size_bytes", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+schema_migrations = Table(
+    "schema_migrations", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("applied_at", Float, nullable=False),
+)
