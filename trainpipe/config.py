@@ -137,15 +137,21 @@ class PipelineConfig(_Strict):
             raise ValueError("must be letters, digits, '.', '_' or '-' (it names files and runs)")
         return value
 
-    @model_validator(mode="after")
-    def _stages_consistent(self) -> PipelineConfig:
-        names = [s.name for s in self.stages]
+    @field_validator("stages")
+    @classmethod
+    def _stages_consistent(cls, stages: list[StageEntry]) -> list[StageEntry]:
+        names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names repeat: {names}")
         if names != sorted(names, key=STAGE_ORDER.index):
             raise ValueError(f"stages must run in the order {' -> '.join(STAGE_ORDER)}, got {names}")
-        if self.enabled("merge") and not self.enabled("sft"):
+        enabled = {s.name for s in stages if s.enabled}
+        if "merge" in enabled and "sft" not in enabled:
             raise ValueError("stage 'merge' needs stage 'sft' enabled: there is no adapter to merge")
+        return stages
+
+    @model_validator(mode="after")
+    def _hub_settings(self) -> PipelineConfig:
         if self.upload_to_hub and not self.hub_repo_id:
             raise ValueError("upload_to_hub is true but hub_repo_id is not set")
         return self
@@ -227,7 +233,7 @@ def _format_validation_error(exc: ValidationError, model: type[BaseModel], sourc
         key = _format_loc(loc) or "(top level)"
         origin = source
         for dotted, raw in (override_keys or {}).items():
-            if key == dotted or key.startswith(dotted + "."):
+            if key == dotted or key.startswith(dotted + ".") or key.startswith(dotted + "["):
                 origin = f"--set {raw}"
         if err["type"] == "extra_forbidden":
             owner = _model_at(model, loc)
@@ -259,8 +265,10 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
+def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, text: str) -> str:
+    """Apply one --set; return the key as validation errors will spell it (stages by index)."""
     node: Any = raw
+    resolved: list[Any] = []
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
@@ -272,14 +280,17 @@ def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, text: str
                 raise ConfigError(f"--set {text}: no stage '{part}' in stages")
             if last:
                 raise ConfigError(f"--set {text}: cannot replace a whole stage entry")
+            resolved.append(node.index(match))
             node = match
             continue
         if not isinstance(node, dict):
             raise ConfigError(f"--set {text}: '{'.'.join(parts[:i])}' is not a mapping")
+        resolved.append(part)
         if last:
             node[part] = value
         else:
             node = node.setdefault(part, {})
+    return _format_loc(tuple(resolved))
 
 
 def load_config(
@@ -325,8 +336,7 @@ def load_config(
     override_keys: dict[str, str] = {}
     for text in overrides or []:
         parts, value = _parse_override(text)
-        _apply_override(raw, parts, value, text)
-        override_keys[".".join(parts)] = text
+        override_keys[_apply_override(raw, parts, value, text)] = text
 
     try:
         config = PipelineConfig.model_validate(raw)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from trainpipe.errors import EXIT_INTERRUPTED, EXIT_USAGE, TrainpipeError
+from trainpipe.errors import EXIT_INTERRUPTED, TrainpipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproducible, resumable SFT -> merge -> DPO pipelines with validation gates.")
@@ -56,11 +56,10 @@ def run(
     json_output: JsonOption = False,
 ) -> None:
     """Start a new run. Exit codes: 0 ok, 1 stage failed, 2 bad input, 3 gate rejected, 130 interrupted."""
-    from trainpipe.engine import runner
+    from trainpipe import api
 
-    _drive(lambda ledger, observer: runner.start(str(config), ledger=ledger, overrides=set_ or [],
-                                                 sft_dataset=sft_dataset, preference_dataset=preference_dataset,
-                                                 observer=observer),
+    _drive(lambda ledger, observer: api.run(config, ledger=ledger, overrides=set_ or [], sft_dataset=sft_dataset,
+                                            preference_dataset=preference_dataset, observer=observer),
            _renderer(json_output), db)
 
 
@@ -71,9 +70,9 @@ def resume(
     json_output: JsonOption = False,
 ) -> None:
     """Continue an interrupted or failed run from the first stage that has not passed."""
-    from trainpipe.engine import runner
+    from trainpipe import api
 
-    _drive(lambda ledger, observer: runner.resume(run_id, ledger=ledger, observer=observer),
+    _drive(lambda ledger, observer: api.resume(run_id, ledger=ledger, observer=observer),
            _renderer(json_output), db)
 
 
@@ -108,36 +107,27 @@ def demo(
     json_output: JsonOption = False,
 ) -> None:
     """Run configs/quickstart.yaml on the built-in tiny model (CPU, a minute or two)."""
-    from trainpipe.engine import runner
+    from trainpipe import api
     from trainpipe.paths import bundled_path
 
     quickstart = bundled_path("configs/quickstart.yaml")
     workdir = workdir.resolve()
     db = db or os.environ.get("TRAINPIPE_DB") or f"sqlite:///{workdir / 'ledger.db'}"
-    _drive(lambda ledger, observer: runner.start(str(quickstart), ledger=ledger, observer=observer,
-                                                 overrides=[f"output_dir={workdir / 'artifacts'}"]),
+    _drive(lambda ledger, observer: api.run(quickstart, ledger=ledger, observer=observer,
+                                            overrides=[f"output_dir={workdir / 'artifacts'}"]),
            _renderer(json_output), db)
 
 
 def main() -> None:
+    # Click's standalone mode handles usage errors (exit 2) and typer.Exit; only our own errors
+    # escape it, and they become one message and their exit code, never a traceback.
     try:
-        app(standalone_mode=False)
+        app()
     except TrainpipeError as exc:
         _renderer().error(exc.message, exc.hint)
         sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
-    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(EXIT_INTERRUPTED)
-        raise
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -49,9 +50,10 @@ class Renderer:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
     def error(self, message: str, hint: str | None = None) -> None:
-        self.err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+        # Messages quote user input (dataset text, --set values): never let it be read as markup.
+        self.err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
         if hint:
-            self.err.print(f"[dim]hint: {hint}[/]")
+            self.err.print(f"[dim]hint: {escape(hint)}[/]", soft_wrap=True)
 
     # ---------------------------------------------------------------- status
 
@@ -72,7 +74,7 @@ class Renderer:
         for row in rows:
             if row["state"] in ("interrupted", "failed"):
                 self.out.print(f"[yellow]{row['run_id']}[/] is {row['state']}: resume with "
-                               f"[bold]trainpipe resume {row['run_id']}[/]")
+                               f"[bold]trainpipe resume {row['run_id']}[/]", soft_wrap=True)
 
     # ---------------------------------------------------------------- inspect
 
@@ -154,9 +156,9 @@ class Renderer:
         for error in result.errors:
             self.out.print(f"[red]error:[/] {error}", soft_wrap=True)
         if result.state == "succeeded":
-            self.out.print(f"[green]final model:[/] {result.final_model_path}")
+            self.out.print(f"[green]final model:[/] {result.final_model_path}", soft_wrap=True)
         elif result.state in ("interrupted", "failed"):
-            self.out.print(f"resume with: [bold]trainpipe resume {result.run_id}[/]")
+            self.out.print(f"resume with: [bold]trainpipe resume {result.run_id}[/]", soft_wrap=True)
 
 
 class ProgressObserver(Observer):

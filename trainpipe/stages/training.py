@@ -97,8 +97,22 @@ def callbacks(ctx: StageContext) -> list[Any]:
 
 
 def _inject_fault(fault: dict[str, Any]) -> None:
-    """Test hook (TRAINPIPE_FAULT): real OOM and real crashes cannot be provoked reliably on demand."""
+    """Test hook (TRAINPIPE_FAULT): real OOM and real crashes cannot be provoked reliably on demand.
+
+    {"stage": "sft", "step": 6, "action": "oom|sigkill|crash|pause", "seconds": 30, "once_file": PATH}
+    With once_file, the fault fires only while that file does not exist (it is created on firing),
+    so the retry or resume that follows runs clean.
+    """
+    once = fault.get("once_file")
+    if once:
+        if Path(once).exists():
+            return
+        Path(once).write_text("fired\n")
     action = fault.get("action")
+    if action == "pause":
+        import time
+
+        time.sleep(float(fault.get("seconds", 30)))
     if action == "oom":
         import torch
 

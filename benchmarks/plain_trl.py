@@ -1,0 +1,67 @@
+"""The baseline for overhead.py: the same SFT -> merge -> DPO on the same data and settings as
+configs/quickstart.yaml, as one plain script with transformers + peft + trl and nothing else
+(no ledger, no child processes, no gates, no checkpoint manifests)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+def main(out_dir: str) -> None:
+    started = time.perf_counter()
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from trainpipe.config import load_config
+    from trainpipe.stages.data import to_hf_dataset
+    from trainpipe.stages.tiny_model import ensure_tiny_model
+
+    root = Path(__file__).resolve().parent.parent
+    config = load_config(root / "configs" / "quickstart.yaml")
+    base = str(ensure_tiny_model())
+    out = Path(out_dir)
+
+    def common(settings, name):
+        return dict(output_dir=str(out / name), num_train_epochs=settings.epochs,
+                    per_device_train_batch_size=settings.batch_size,
+                    gradient_accumulation_steps=settings.gradient_accumulation,
+                    learning_rate=settings.learning_rate, warmup_steps=settings.warmup_ratio or 0,
+                    logging_steps=1, save_steps=config.checkpoint_every_n_steps, seed=config.seed,
+                    report_to="none", use_cpu=True, max_length=settings.max_seq_length,
+                    gradient_checkpointing=False, disable_tqdm=True)
+
+    def lora(settings):
+        return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                          target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    sft = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                     args=SFTConfig(**common(config.sft, "sft")), processing_class=tokenizer,
+                     train_dataset=to_hf_dataset(config.datasets.sft, "sft"), peft_config=lora(config.sft))
+    sft.train()
+    sft.model.save_pretrained(out / "sft-adapter")
+
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                       out / "sft-adapter").merge_and_unload()
+    merged.save_pretrained(out / "merged")
+    tokenizer.save_pretrained(out / "merged")
+
+    dpo = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32),
+                     args=DPOConfig(**common(config.dpo, "dpo"), beta=config.dpo.beta), processing_class=tokenizer,
+                     train_dataset=to_hf_dataset(config.datasets.preference, "preference"),
+                     peft_config=lora(config.dpo))
+    dpo.train()
+    dpo.model.save_pretrained(out / "dpo-adapter")
+    merged_dpo = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "merged"),
+                                           out / "dpo-adapter").merge_and_unload()
+    merged_dpo.save_pretrained(out / "dpo-merged")
+    print(f"plain TRL pipeline done in {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

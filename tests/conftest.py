@@ -1,0 +1,74 @@
+"""Every test gets its own ledger, home and output dirs under tmp; no test touches the user's home.
+The built-in tiny model is built once per session into a shared cache (deterministic, ~20 s)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
+TASK_API = REPO_ROOT / "examples" / "task_api"
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, model_cache, monkeypatch) -> Path:
+    home = tmp_path / "tp-home"
+    monkeypatch.setenv("TRAINPIPE_HOME", str(home))
+    monkeypatch.setenv("TRAINPIPE_DB", f"sqlite:///{tmp_path / 'ledger.db'}")
+    monkeypatch.setenv("TRAINPIPE_CACHE", str(model_cache))
+    monkeypatch.setenv("TRAINPIPE_RETRY_BACKOFF_S", "0")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.delenv("TRAINPIPE_FAULT", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return home
+
+
+@pytest.fixture
+def db_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'ledger.db'}"
+
+
+@pytest.fixture
+def lesson_dir(tmp_path, monkeypatch) -> Path:
+    """The lesson's layout, verbatim: ./configs/{pipeline,sft,dpo}_config.yaml, run from the parent dir."""
+    root = tmp_path / "lesson"
+    (root / "configs").mkdir(parents=True)
+    shutil.copy(SHARED_FIXTURES / "lesson_pipeline_config.yaml", root / "configs" / "pipeline_config.yaml")
+    shutil.copy(SHARED_FIXTURES / "lesson_sft_config.yaml", root / "configs" / "sft_config.yaml")
+    shutil.copy(SHARED_FIXTURES / "lesson_dpo_config.yaml", root / "configs" / "dpo_config.yaml")
+    shutil.copy(TASK_API / "sft.jsonl", root / "sft.jsonl")
+    shutil.copy(TASK_API / "preference.jsonl", root / "preference.jsonl")
+    monkeypatch.chdir(root)
+    return root
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def fast_overrides(output_dir: Path) -> list[str]:
+    """Quickstart, shortened for tests: fewer steps, same code path."""
+    return [f"output_dir={output_dir}", "sft.max_steps=12", "dpo.max_steps=6", "checkpoint_every_n_steps=4",
+            "validation.max_loss=6.5"]
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_env(monkeypatch):
+    # A developer's shell may export these; tests must not depend on them.
+    for name in ("TRAINPIPE_STALE_AFTER_S",):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    os.environ.pop("TRAINPIPE_FAULT", None)

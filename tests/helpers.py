@@ -1,0 +1,64 @@
+"""Helpers for the end-to-end tests: read real weights, drive the real CLI as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from trainpipe.store.ledger import Ledger
+
+
+def load_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    shared = set(a) & set(b)
+    assert shared, "no tensors in common"
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in shared)
+
+
+def cli(*args: str, check: bool = False, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "trainpipe.cli.app", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env or os.environ.copy())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def cli_json(*args: str):
+    proc = cli(*args, "--json", check=True)
+    return json.loads(proc.stdout)
+
+
+def wait_for(predicate, timeout: float = 300, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def stage_states(db_url: str, run_id: str) -> dict[str, str]:
+    ledger = Ledger(db_url)
+    try:
+        return {s["name"]: s["state"] for s in ledger.stages(run_id)}
+    finally:
+        ledger.close()
+
+
+def only_run_id(db_url: str) -> str | None:
+    ledger = Ledger(db_url)
+    try:
+        runs = ledger.list_runs(limit=None)
+    finally:
+        ledger.close()
+    return runs[0]["run_id"] if runs else None

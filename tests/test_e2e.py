@@ -1,0 +1,127 @@
+"""The whole pipeline for real: tiny Qwen2 model, real LoRA/QLoRA training, real merge, real DPO."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import QUICKSTART, fast_overrides
+from helpers import cli, load_weights, max_abs_diff
+
+import trainpipe
+from trainpipe.stages.tiny_model import ensure_tiny_model
+from trainpipe.store.ledger import Ledger
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_cli_end_to_end(tmp_path, db_url):
+    """`trainpipe run configs/quickstart.yaml` exactly as shipped (only output_dir moved to tmp)."""
+    out = tmp_path / "artifacts"
+    proc = cli("run", str(QUICKSTART), "--set", f"output_dir={out}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("Run "), "the run id must be printed first"
+    run_id = proc.stdout.split()[1]
+
+    ledger = Ledger(db_url)
+    run = ledger.get_run(run_id)
+    assert run["state"] == "succeeded"
+    assert {s["name"]: s["state"] for s in ledger.stages(run_id)} == {"sft": "passed", "merge": "passed", "dpo": "passed"}
+    assert [a["attempt"] for a in ledger.attempts(run_id)] == [1, 1, 1]
+
+    # The ledger holds the whole story, in order.
+    moves = [(t["stage"], t["trigger"], t["to_state"]) for t in ledger.transitions(run_id)]
+    assert moves[:2] == [(None, "create", "pending"), (None, "start", "running")]
+    for stage in ("sft", "merge", "dpo"):
+        assert [m[1:] for m in moves if m[0] == stage] == [
+            ("start", "running"), ("validate", "validating"), ("pass_gate", "passed")]
+    assert moves[-1] == (None, "succeed", "succeeded")
+    gate = [g for g in ledger.gates(run_id) if g["stage"] == "sft"][0]
+    assert gate["passed"] and {c["name"] for c in gate["checks"]} >= {"adapter_files_exist", "loss_below_max", "no_nan"}
+    assert len(ledger.metrics(run_id, "sft")) > 10
+    assert ledger.checkpoints(run_id, "sft"), "SFT checkpoints must be recorded"
+    assert all(len(a["sha256"]) == 64 for a in ledger.artifacts(run_id))
+
+    # Weights really changed at every stage.
+    run_dir = Path(run["run_dir"])
+    base = load_weights(ensure_tiny_model() / "model.safetensors")
+    merged = load_weights(run_dir / "merged" / "model.safetensors")
+    aligned = load_weights(run_dir / "dpo" / "merged" / "model.safetensors")
+    assert max_abs_diff(base, merged) > 1e-4
+    assert max_abs_diff(merged, aligned) > 1e-6
+    adapter = load_weights(run_dir / "sft" / "adapter_model.safetensors")
+    assert any(float(t.abs().max()) > 0 for k, t in adapter.items() if "lora_B" in k), "lora_B starts at zero"
+    assert run["final_model_path"] == str(run_dir / "dpo" / "merged")
+
+    # Lesson-shaped exports for downstream scripts.
+    result = json.loads((out / "pipeline_result.json").read_text())
+    assert result["success"] is True and result["stages_completed"] == ["sft", "merge", "dpo"]
+    assert set(result) >= {"success", "pipeline_id", "final_model_path", "stages_completed", "total_time_seconds",
+                           "stage_results", "errors", "timestamp"}
+    assert set(result["stage_results"]["merge"]) >= {"success", "size_gb", "time_seconds"}
+    assert set(json.loads((run_dir / "sft" / "metrics.json").read_text())) == {
+        "final_loss", "total_steps", "epochs_completed", "samples_processed"}
+    assert set(json.loads((run_dir / "merged" / "merge_info.json").read_text())) == {
+        "base_model", "adapter_path", "merged_path", "size_gb", "merge_time_seconds"}
+    assert {"final_loss", "total_steps", "beta_used"} <= set(json.loads((run_dir / "dpo" / "metrics.json").read_text()))
+
+    # status and inspect agree with the ledger.
+    status = json.loads(cli("status", "--json", check=True).stdout)
+    assert [(r["run_id"], r["state"]) for r in status] == [(run_id, "succeeded")]
+    report = json.loads(cli("inspect", run_id, "--json", check=True).stdout)
+    assert report["final_model_path"] == run["final_model_path"]
+    assert [s["gate"]["passed"] for s in report["stages"] if s["gate"]] == [True]
+
+    # A finished run cannot be resumed.
+    again = cli("resume", run_id)
+    assert again.returncode == 2 and "succeeded" in again.stderr and "Traceback" not in again.stderr
+
+
+def _weights_changed(run_dir: Path, rel: str, reference: dict) -> float:
+    return max_abs_diff(reference, load_weights(run_dir / rel))
+
+
+def test_merge_disabled_dpo_continues_sft_adapter(tmp_path, db_url):
+    result = trainpipe.run(QUICKSTART, overrides=fast_overrides(tmp_path / "out") + ["stages.merge.enabled=false"])
+    assert result.state == "succeeded", result.errors
+    ledger = Ledger(db_url)
+    states = {s["name"]: s["state"] for s in ledger.stages(result.run_id)}
+    assert states == {"sft": "passed", "merge": "skipped", "dpo": "passed"}
+    dpo_attempt = ledger.attempts(result.run_id, "dpo")[0]
+    assert dpo_attempt["metrics"]["policy_model"] == str(ensure_tiny_model())
+    run_dir = Path(result.run_dir)
+    sft_adapter = load_weights(run_dir / "sft" / "adapter_model.safetensors")
+    dpo_adapter = load_weights(run_dir / "dpo" / "adapter_model.safetensors")
+    # The DPO policy is the SFT adapter trained further, so it has the same tensors, moved.
+    assert set(sft_adapter) == set(dpo_adapter)
+    assert max_abs_diff(sft_adapter, dpo_adapter) > 0
+    # At step 0 policy == reference (the frozen SFT policy), so the first DPO loss is ln 2.
+    assert abs(dpo_attempt["metrics"]["first_loss"] - 0.6931) < 0.01
+
+
+def test_sft_disabled_dpo_starts_from_base(tmp_path, db_url):
+    result = trainpipe.run(QUICKSTART, overrides=fast_overrides(tmp_path / "out") + [
+        "stages.sft.enabled=false", "stages.merge.enabled=false"])
+    assert result.state == "succeeded", result.errors
+    ledger = Ledger(db_url)
+    assert {s["name"]: s["state"] for s in ledger.stages(result.run_id)} == {
+        "sft": "skipped", "merge": "skipped", "dpo": "passed"}
+    metrics = ledger.attempts(result.run_id, "dpo")[0]["metrics"]
+    assert metrics["policy_model"] == str(ensure_tiny_model())
+    assert abs(metrics["first_loss"] - 0.6931) < 0.01
+
+
+def test_qlora_trains_in_4bit_and_merges_in_full_precision(tmp_path, db_url):
+    result = trainpipe.run(QUICKSTART, overrides=fast_overrides(tmp_path / "out") + [
+        "sft.load_in_4bit=true", "stages.dpo.enabled=false"])
+    assert result.state == "succeeded", result.errors
+    ledger = Ledger(db_url)
+    assert ledger.attempts(result.run_id, "sft")[0]["metrics"]["load_in_4bit"] is True
+    run_dir = Path(result.run_dir)
+    merged = load_weights(run_dir / "merged" / "model.safetensors")
+    base = load_weights(ensure_tiny_model() / "model.safetensors")
+    # Merged into a float32 copy: same tensor names and dtypes as the base, no 4-bit leftovers.
+    assert set(merged) == set(base)
+    assert {str(t.dtype) for t in merged.values()} == {"torch.float32"}
+    assert max_abs_diff(base, merged) > 0

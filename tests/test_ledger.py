@@ -1,0 +1,409 @@
+"""The ledger on a real SQLite file: pragmas, atomic transitions, compare-and-set, migrations."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+from trainpipe.engine.machine import next_state
+from trainpipe.errors import IllegalTransition, RunNotFound
+from trainpipe.store.ledger import HOST, Ledger, StaleState
+
+STAGES = ("sft", "merge", "dpo")
+
+
+def fsm(kind: str, trigger: str):
+    return lambda current: next_state(kind, current, trigger)
+
+
+def db_file(db_url: str) -> Path:
+    return Path(db_url.removeprefix("sqlite:///"))
+
+
+def raw_rows(db_url: str, sql: str, *params) -> list[tuple]:
+    """Read through a plain sqlite3 connection: what is really on disk."""
+    conn = sqlite3.connect(db_file(db_url))
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def make_run(ledger: Ledger, run_id: str = "run-1", tmp: Path | None = None) -> str:
+    base = str(tmp or "/nonexistent")
+    ledger.create_run(run_id=run_id, pipeline_id="pipe", config_snapshot={"pipeline_id": "pipe", "seed": 1},
+                      config_path=None, output_dir=base, run_dir=f"{base}/{run_id}", stages=STAGES)
+    return run_id
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+@pytest.fixture
+def ledger(db_url: str):
+    ledger = Ledger(db_url)
+    yield ledger
+    ledger.close()
+
+
+# ------------------------------------------------------------------ the file and its pragmas
+
+
+def test_uses_the_env_db_by_default(db_url: str) -> None:
+    assert os.environ["TRAINPIPE_DB"] == db_url
+    ledger = Ledger()
+    try:
+        assert ledger.url == db_url
+        make_run(ledger)
+    finally:
+        ledger.close()
+    assert db_file(db_url).is_file()
+    assert raw_rows(db_url, "SELECT run_id FROM runs") == [("run-1",)]
+
+
+def test_pragmas_in_effect(ledger: Ledger) -> None:
+    with ledger._engine.connect() as conn:
+        pragma = lambda name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()  # noqa: E731
+        assert pragma("journal_mode") == "wal"
+        assert pragma("foreign_keys") == 1
+        assert pragma("synchronous") == 2  # FULL
+        assert pragma("busy_timeout") > 0
+
+
+def test_wal_mode_persists_in_the_file(ledger: Ledger, db_url: str) -> None:
+    assert raw_rows(db_url, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_foreign_keys_are_enforced(ledger: Ledger) -> None:
+    with pytest.raises(IntegrityError):
+        ledger.record_metrics("no-such-run", "sft", None, [(1, "loss", 1.0)])
+    with pytest.raises(IntegrityError):
+        ledger.record_artifacts("no-such-run", "sft", [("x", 1, "0" * 64)])
+
+
+def test_integrity_check(ledger: Ledger) -> None:
+    make_run(ledger)
+    assert ledger.integrity_check() == "ok"
+
+
+# ------------------------------------------------------------------ migrations
+
+
+def test_migrations_rerun_safely(db_url: str) -> None:
+    first = Ledger(db_url)
+    make_run(first)
+    first.close()
+
+    second = Ledger(db_url)
+    third = Ledger(db_url)
+    try:
+        assert second.count_runs() == 1
+        assert third.get_run("run-1")["state"] == "pending"
+    finally:
+        second.close()
+        third.close()
+    assert raw_rows(db_url, "SELECT name FROM schema_migrations") == [("0001_initial",)]
+
+
+def test_schema_has_the_ledger_tables(ledger: Ledger, db_url: str) -> None:
+    tables = {name for (name,) in raw_rows(db_url, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"runs", "stages", "stage_attempts", "transitions", "checkpoints", "gate_results", "gate_checks",
+            "metrics", "artifacts", "schema_migrations"} <= tables
+
+
+# ------------------------------------------------------------------ create_run
+
+
+def test_create_run_writes_pending_run_stages_and_one_transition(ledger: Ledger, db_url: str) -> None:
+    make_run(ledger)
+
+    assert raw_rows(db_url, "SELECT run_id, pipeline_id, state, owner_pid, finished_at FROM runs") == [
+        ("run-1", "pipe", "pending", None, None)]
+    assert raw_rows(db_url, "SELECT name, position, state FROM stages WHERE run_id='run-1' ORDER BY position") == [
+        ("sft", 0, "pending"), ("merge", 1, "pending"), ("dpo", 2, "pending")]
+    assert raw_rows(db_url, "SELECT stage, from_state, to_state, trigger, pid, host FROM transitions") == [
+        (None, None, "pending", "create", os.getpid(), socket.gethostname())]
+    assert ledger.get_run("run-1")["config_snapshot"] == {"pipeline_id": "pipe", "seed": 1}
+    assert ledger.count_runs() == 1
+
+
+def test_create_run_twice_with_one_id_fails_and_keeps_one_run(ledger: Ledger, db_url: str) -> None:
+    make_run(ledger)
+    with pytest.raises(IntegrityError):
+        make_run(ledger)
+    assert ledger.count_runs() == 1
+    assert raw_rows(db_url, "SELECT COUNT(*) FROM transitions") == [(1,)]
+
+
+def test_get_run_unknown_id(ledger: Ledger) -> None:
+    with pytest.raises(RunNotFound) as info:
+        ledger.get_run("nope")
+    assert info.value.message == "no run with id 'nope'"
+    assert info.value.exit_code == 2
+
+
+# ------------------------------------------------------------------ transitions
+
+
+def test_transition_run_appends_exactly_one_row(ledger: Ledger, db_url: str) -> None:
+    make_run(ledger)
+
+    assert ledger.transition_run("run-1", "start", fsm("run", "start"), set_owner=True,
+                                 detail={"why": "test"}) == "running"
+
+    run = ledger.get_run("run-1")
+    assert run["state"] == "running"
+    assert (run["owner_pid"], run["owner_host"]) == (os.getpid(), HOST)
+    assert run["heartbeat_at"] is not None
+    assert run["finished_at"] is None
+    rows = raw_rows(db_url, "SELECT stage, from_state, to_state, trigger, pid, host FROM transitions ORDER BY id")
+    assert rows == [(None, None, "pending", "create", os.getpid(), HOST),
+                    (None, "pending", "running", "start", os.getpid(), HOST)]
+    assert ledger.transitions("run-1")[-1]["detail"] == {"why": "test"}
+
+
+def test_transition_run_to_a_final_state_sets_finished_at_and_clears_owner(ledger: Ledger) -> None:
+    make_run(ledger)
+    ledger.transition_run("run-1", "start", fsm("run", "start"), set_owner=True)
+    ledger.transition_run("run-1", "succeed", fsm("run", "succeed"), clear_owner=True,
+                          final_model_path="/models/final")
+
+    run = ledger.get_run("run-1")
+    assert run["state"] == "succeeded"
+    assert run["finished_at"] is not None
+    assert run["owner_pid"] is None and run["owner_host"] is None
+    assert run["final_model_path"] == "/models/final"
+    assert [t["trigger"] for t in ledger.transitions("run-1")] == ["create", "start", "succeed"]
+
+
+def test_transition_stage_appends_exactly_one_row(ledger: Ledger, db_url: str) -> None:
+    make_run(ledger)
+
+    assert ledger.transition_stage("run-1", "sft", "start", fsm("stage", "start")) == "running"
+
+    assert [s["state"] for s in ledger.stages("run-1")] == ["running", "pending", "pending"]
+    assert ledger.get_run("run-1")["current_stage"] == "sft"
+    rows = raw_rows(db_url, "SELECT stage, from_state, to_state, trigger, pid, host FROM transitions "
+                            "WHERE stage IS NOT NULL")
+    assert rows == [("sft", "pending", "running", "start", os.getpid(), HOST)]
+
+    ledger.transition_stage("run-1", "sft", "validate", fsm("stage", "validate"))
+    ledger.transition_stage("run-1", "sft", "pass_gate", fsm("stage", "pass_gate"), output_path="/out/sft")
+    sft = ledger.stages("run-1")[0]
+    assert (sft["state"], sft["output_path"]) == ("passed", "/out/sft")
+    assert raw_rows(db_url, "SELECT COUNT(*) FROM transitions WHERE stage='sft'") == [(3,)]
+
+
+def _snapshot(db_url: str) -> tuple:
+    return (raw_rows(db_url, "SELECT * FROM runs"), raw_rows(db_url, "SELECT * FROM stages ORDER BY position"),
+            raw_rows(db_url, "SELECT * FROM transitions ORDER BY id"))
+
+
+def test_illegal_run_trigger_changes_nothing(ledger: Ledger, db_url: str) -> None:
+    make_run(ledger)
+    before = _snapshot(db_url)
+
+    with pytest.raises(IllegalTransition):
+        ledger.transition_run("run-1", "resume", fsm("run", "resume"), set_owner=True, error="x")
+
+    assert _snapshot(db_url) == before
+    assert ledger.get_run("run-1")["state"] == "pending"
+
+
+def test_illegal_stage_trigger_changes_nothing(ledger: Ledger, db_url: str) -> None:
+    make_run(ledger)
+    before = _snapshot(db_url)
+
+    with pytest.raises(IllegalTransition):
+        ledger.transition_stage("run-1", "sft", "pass_gate", fsm("stage", "pass_gate"), output_path="/x")
+
+    assert _snapshot(db_url) == before
+
+
+def test_resolver_error_after_read_rolls_back(ledger: Ledger, db_url: str) -> None:
+    make_run(ledger)
+    before = _snapshot(db_url)
+
+    def boom(current: str) -> str:
+        assert current == "pending"
+        raise RuntimeError("resolver failed")
+
+    with pytest.raises(RuntimeError):
+        ledger.transition_run("run-1", "start", boom, set_owner=True)
+    assert _snapshot(db_url) == before
+
+
+def test_transition_of_unknown_run_or_stage(ledger: Ledger, db_url: str) -> None:
+    make_run(ledger)
+    with pytest.raises(RunNotFound):
+        ledger.transition_run("nope", "start", fsm("run", "start"))
+    with pytest.raises(RunNotFound):
+        ledger.transition_stage("run-1", "eval", "start", fsm("stage", "start"))
+    assert raw_rows(db_url, "SELECT COUNT(*) FROM transitions") == [(1,)]
+
+
+def test_expect_state_compare_and_set(ledger: Ledger, db_url: str) -> None:
+    make_run(ledger)
+    before = _snapshot(db_url)
+
+    with pytest.raises(StaleState) as info:
+        ledger.transition_run("run-1", "interrupt", fsm("run", "interrupt"), expect_state="running",
+                              clear_owner=True)
+    assert info.value.message == "run run-1 is pending, not running"
+    assert _snapshot(db_url) == before
+
+    # the same call from the state it expects goes through
+    ledger.transition_run("run-1", "start", fsm("run", "start"), expect_state="pending")
+    assert ledger.get_run("run-1")["state"] == "running"
+
+
+def test_second_compare_and_set_on_same_state_loses(db_url: str) -> None:
+    first, second = Ledger(db_url), Ledger(db_url)
+    try:
+        make_run(first)
+        first.transition_run("run-1", "start", fsm("run", "start"))
+        # both observed `running`; only one may act on it
+        first.transition_run("run-1", "interrupt", fsm("run", "interrupt"), expect_state="running")
+        with pytest.raises(StaleState):
+            second.transition_run("run-1", "interrupt", fsm("run", "interrupt"), expect_state="running")
+    finally:
+        first.close()
+        second.close()
+    assert raw_rows(db_url, "SELECT COUNT(*) FROM transitions WHERE trigger='interrupt'") == [(1,)]
+
+
+def test_two_ledgers_on_one_file_see_each_others_writes(db_url: str) -> None:
+    a, b = Ledger(db_url), Ledger(db_url)
+    try:
+        make_run(a, "run-a")
+        assert b.get_run("run-a")["state"] == "pending"
+        b.transition_run("run-a", "start", fsm("run", "start"))
+        assert a.get_run("run-a")["state"] == "running"
+        make_run(b, "run-b")
+        assert {r["run_id"] for r in a.list_runs()} == {"run-a", "run-b"}
+        assert a.count_runs() == b.count_runs() == 2
+    finally:
+        a.close()
+        b.close()
+
+
+# ------------------------------------------------------------------ heartbeat and owners
+
+
+def test_heartbeat_true_for_owner_false_for_another_pid(ledger: Ledger, db_url: str) -> None:
+    make_run(ledger)
+    assert ledger.heartbeat("run-1") is False  # nobody owns a pending run
+    ledger.transition_run("run-1", "start", fsm("run", "start"), set_owner=True)
+    assert ledger.heartbeat("run-1") is True
+
+    other = dead_pid()
+    ledger.update_run("run-1", owner_pid=other)
+    beat_before = ledger.get_run("run-1")["heartbeat_at"]
+
+    assert ledger.heartbeat("run-1") is False
+    assert ledger.get_run("run-1")["heartbeat_at"] == beat_before
+    assert raw_rows(db_url, "SELECT owner_pid FROM runs") == [(other,)]
+
+
+def test_heartbeat_false_for_same_pid_on_another_host(ledger: Ledger) -> None:
+    make_run(ledger)
+    ledger.transition_run("run-1", "start", fsm("run", "start"), set_owner=True)
+    ledger.update_run("run-1", owner_host=HOST + "-elsewhere")
+    assert ledger.heartbeat("run-1") is False
+
+
+# ------------------------------------------------------------------ attempts, metrics, gates
+
+
+def test_attempts_number_from_one_per_stage(ledger: Ledger) -> None:
+    make_run(ledger)
+    first_id, first = ledger.open_attempt("run-1", "sft")
+    second_id, second = ledger.open_attempt("run-1", "sft", resumed_from="/ckpt/4", overrides={"batch_size": 2})
+    _, dpo = ledger.open_attempt("run-1", "dpo")
+    assert (first, second, dpo) == (1, 2, 1)
+
+    ledger.close_attempt(first_id, "failed", exit_code=1, error="boom")
+    assert ledger.close_open_attempts("run-1", "interrupted", "owner died") == 2
+
+    rows = {(a["stage"], a["attempt"]): a for a in ledger.attempts("run-1")}
+    assert (rows["sft", 1]["outcome"], rows["sft", 1]["exit_code"], rows["sft", 1]["error"]) == ("failed", 1, "boom")
+    assert (rows["sft", 2]["outcome"], rows["sft", 2]["error"]) == ("interrupted", "owner died")
+    assert rows["sft", 2]["overrides"] == {"batch_size": 2}
+    assert rows["sft", 2]["resumed_from"] == "/ckpt/4"
+    assert second_id != first_id
+
+
+def test_nan_metric_stored_as_null_with_raw(ledger: Ledger, db_url: str) -> None:
+    make_run(ledger)
+    attempt_id, _ = ledger.open_attempt("run-1", "sft")
+
+    assert ledger.record_metrics("run-1", "sft", attempt_id, [
+        (1, "loss", float("nan")), (2, "loss", 0.5), (3, "loss", float("inf")), (4, "loss", "oops")]) == 4
+
+    assert raw_rows(db_url, "SELECT step, name, value, raw FROM metrics ORDER BY step") == [
+        (1, "loss", None, "nan"), (2, "loss", 0.5, None), (3, "loss", None, "inf"), (4, "loss", None, "oops")]
+    assert [m["raw"] for m in ledger.metrics("run-1", "sft")] == ["nan", None, "inf", "oops"]
+
+
+def test_record_gate_stores_every_check(ledger: Ledger, db_url: str) -> None:
+    make_run(ledger)
+    attempt_id, _ = ledger.open_attempt("run-1", "sft")
+
+    gate_id = ledger.record_gate("run-1", "sft", attempt_id, "gate1", False, [
+        {"name": "loss_below_max", "passed": True, "value": 1.2, "threshold": 2.0, "duration_s": 0.01},
+        {"name": "no_nan", "passed": False, "severity": "error", "mode": "parallel", "details": "nan at step 3"},
+    ])
+
+    assert raw_rows(db_url, "SELECT id, run_id, stage, attempt_id, gate, passed FROM gate_results") == [
+        (gate_id, "run-1", "sft", attempt_id, "gate1", 0)]
+    assert raw_rows(db_url, "SELECT gate_result_id, name, passed, severity, mode, details FROM gate_checks "
+                            "ORDER BY id") == [
+        (gate_id, "loss_below_max", 1, "error", "sequential", None),
+        (gate_id, "no_nan", 0, "error", "parallel", "nan at step 3")]
+    [gate] = ledger.gates("run-1")
+    assert gate["passed"] is False
+    assert [(c["name"], c["value"], c["threshold"]) for c in gate["checks"]] == [
+        ("loss_below_max", 1.2, 2.0), ("no_nan", None, None)]
+
+
+def test_checkpoints_and_artifacts(ledger: Ledger) -> None:
+    make_run(ledger)
+    attempt_id, _ = ledger.open_attempt("run-1", "sft")
+    ledger.record_checkpoint("run-1", "sft", attempt_id, 4, "/ckpt/4", "a" * 64)
+    ledger.record_checkpoint("run-1", "sft", attempt_id, 8, "/ckpt/8", None)
+    ledger.record_artifacts("run-1", "sft", [("adapter.safetensors", 123, "b" * 64)])
+
+    assert [(c["step"], c["path"]) for c in ledger.checkpoints("run-1", "sft")] == [(4, "/ckpt/4"), (8, "/ckpt/8")]
+    assert ledger.checkpoints("run-1", "dpo") == []
+    assert [(a["path"], a["size_bytes"]) for a in ledger.artifacts("run-1")] == [("adapter.safetensors", 123)]
+
+
+def test_stage_progress_counts_done_stages(ledger: Ledger) -> None:
+    make_run(ledger, "run-1")
+    make_run(ledger, "run-2")
+    ledger.transition_stage("run-1", "sft", "start", fsm("stage", "start"))
+    ledger.transition_stage("run-1", "sft", "validate", fsm("stage", "validate"))
+    ledger.transition_stage("run-1", "sft", "pass_gate", fsm("stage", "pass_gate"))
+    ledger.transition_stage("run-1", "merge", "skip", fsm("stage", "skip"))
+
+    assert ledger.stage_progress(["run-1", "run-2"]) == {"run-1": (2, 3), "run-2": (0, 3)}
+    assert ledger.stage_progress([]) == {}
+
+
+def test_list_runs_filters_by_state(ledger: Ledger) -> None:
+    make_run(ledger, "run-1")
+    make_run(ledger, "run-2")
+    ledger.transition_run("run-2", "start", fsm("run", "start"))
+
+    assert [r["run_id"] for r in ledger.list_runs(states=["running"])] == ["run-2"]
+    assert {r["run_id"] for r in ledger.list_runs(states=["pending", "running"])} == {"run-1", "run-2"}
+    assert len(ledger.list_runs(limit=1)) == 1

@@ -1,0 +1,39 @@
+"""The Python API for scripts; the CLI calls the same two functions.
+
+    import trainpipe
+    result = trainpipe.run("configs/quickstart.yaml", overrides=["sft.learning_rate=1e-4"])
+    print(result.state, result.final_model_path)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainpipe.engine.runner import Observer, RunResult
+    from trainpipe.store.ledger import Ledger
+
+
+def _ledger(db: str | None, ledger: Ledger | None) -> Ledger:
+    from trainpipe.store.ledger import Ledger
+
+    return ledger or Ledger(db)
+
+
+def run(config: str | os.PathLike[str], *, overrides: list[str] | None = None, sft_dataset: str | None = None,
+        preference_dataset: str | None = None, db: str | None = None, ledger: Ledger | None = None,
+        observer: Observer | None = None) -> RunResult:
+    """Validate the config and datasets, then run the pipeline. Raises TrainpipeError on bad input."""
+    from trainpipe.engine import runner
+
+    return runner.start(str(config), ledger=_ledger(db, ledger), overrides=overrides, sft_dataset=sft_dataset,
+                        preference_dataset=preference_dataset, observer=observer)
+
+
+def resume(run_id: str, *, db: str | None = None, ledger: Ledger | None = None,
+           observer: Observer | None = None) -> RunResult:
+    """Continue an interrupted or failed run from its first stage that has not passed."""
+    from trainpipe.engine import runner
+
+    return runner.resume(run_id, ledger=_ledger(db, ledger), observer=observer)
