@@ -12,7 +12,6 @@ from pathlib import Path
 def main(out_dir: str) -> None:
     started = time.perf_counter()
     import torch
-    from datasets import Dataset
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer

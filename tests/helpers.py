@@ -62,3 +62,13 @@ def only_run_id(db_url: str) -> str | None:
     finally:
         ledger.close()
     return runs[0]["run_id"] if runs else None
+
+
+def start_run(config: Path, overrides: list[str], fault: dict | None = None) -> subprocess.Popen:
+    """`trainpipe run` as a real background process, optionally with a TRAINPIPE_FAULT."""
+    env = os.environ.copy()
+    if fault:
+        env["TRAINPIPE_FAULT"] = json.dumps(fault)
+    args = [arg for override in overrides for arg in ("--set", override)]
+    return subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "run", str(config), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

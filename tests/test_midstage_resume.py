@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import QUICKSTART, fast_overrides
-from helpers import cli, load_weights, only_run_id, wait_for
+from helpers import cli, load_weights, only_run_id, start_run, wait_for
 
 import trainpipe
 from trainpipe.store.ledger import Ledger
@@ -59,10 +57,7 @@ def reference_weights(tmp_path_factory, model_cache):
 def test_orchestrator_sigkill_mid_stage_resumes_bit_identical(stage, step, tmp_path, db_url, reference_weights):
     # The stage pauses at `step` (after the checkpoint at step-1), so the kill lands mid-training.
     fault = {"stage": stage, "step": step, "action": "pause", "seconds": 120, "once_file": str(tmp_path / "fired")}
-    args = [a for o in _overrides(tmp_path / "out") for a in ("--set", o)]
-    proc = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "run", str(QUICKSTART), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "TRAINPIPE_FAULT": json.dumps(fault)})
+    proc = start_run(QUICKSTART, _overrides(tmp_path / "out"), fault)
     wait_for(lambda: (tmp_path / "fired").exists(), what=f"{stage} to reach step {step}")
     run_id = only_run_id(db_url)
     proc.send_signal(signal.SIGKILL)
@@ -95,10 +90,7 @@ def test_stage_crash_retry_resumes_from_checkpoint_bit_identical(tmp_path, db_ur
 
 def test_corrupt_newest_checkpoint_is_skipped_with_reason(tmp_path, db_url, reference_weights):
     fault = {"stage": "sft", "step": 7, "action": "pause", "seconds": 120, "once_file": str(tmp_path / "fired")}
-    args = [a for o in _overrides(tmp_path / "out") for a in ("--set", o)]
-    proc = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "run", str(QUICKSTART), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "TRAINPIPE_FAULT": json.dumps(fault)})
+    proc = start_run(QUICKSTART, _overrides(tmp_path / "out"), fault)
     wait_for(lambda: (tmp_path / "fired").exists(), what="SFT to reach step 7")
     run_id = only_run_id(db_url)
     proc.send_signal(signal.SIGKILL)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 from conftest import QUICKSTART, fast_overrides
-from helpers import cli, cli_json, only_run_id, stage_states, wait_for
+from helpers import cli, cli_json, only_run_id, stage_states, start_run, wait_for
 
 from trainpipe.engine.liveness import pid_alive
 from trainpipe.store.ledger import Ledger
@@ -17,10 +14,8 @@ from trainpipe.store.ledger import Ledger
 pytestmark = pytest.mark.slow
 
 
-def _start_run(tmp_path, extra: list[str] | None = None) -> subprocess.Popen:
-    args = [arg for o in fast_overrides(tmp_path / "out") + (extra or []) for arg in ("--set", o)]
-    return subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "run", str(QUICKSTART), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+def _start_run(tmp_path, extra: list[str] | None = None):
+    return start_run(QUICKSTART, fast_overrides(tmp_path / "out") + (extra or []))
 
 
 def test_sigkill_after_sft_then_resume_reuses_sft(tmp_path, db_url):

@@ -1,0 +1,77 @@
+"""Retries, OOM recovery and timeouts, driven by the TRAINPIPE_FAULT hook (real OOM and real hangs
+cannot be provoked reliably here; the hook raises torch.OutOfMemoryError or sleeps inside a real
+training step)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from conftest import QUICKSTART, fast_overrides
+from helpers import cli
+
+import trainpipe
+from trainpipe.store.ledger import Ledger
+
+pytestmark = pytest.mark.slow
+
+
+def test_oom_retry_halves_micro_batch_keeps_effective_batch(tmp_path, db_url):
+    os.environ["TRAINPIPE_FAULT"] = json.dumps(
+        {"stage": "sft", "step": 3, "action": "oom", "once_file": str(tmp_path / "fired")})
+    result = trainpipe.run(QUICKSTART, overrides=fast_overrides(tmp_path / "out") + ["stages.dpo.enabled=false"])
+    assert result.state == "succeeded", result.errors
+    ledger = Ledger(db_url)
+    first, second = ledger.attempts(result.run_id, "sft")
+    assert first["outcome"] == "failed" and "OutOfMemoryError" in first["error"]
+    assert first["overrides"] == {}
+    # quickstart: batch 8 x accumulation 1 -> retry with 4 x 2, the same effective batch of 8
+    assert second["overrides"] == {"batch_size": 4, "gradient_accumulation": 2}
+    assert second["outcome"] == "passed"
+    report = json.loads(cli("inspect", result.run_id, "--json", check=True).stdout)
+    sft = next(s for s in report["stages"] if s["name"] == "sft")
+    assert sft["attempts"] == 2
+    assert sft["attempt_history"][1]["overrides"] == {"batch_size": 4, "gradient_accumulation": 2}
+
+
+def test_stage_timeout_kills_process_group_and_fails_run(tmp_path, db_url, monkeypatch):
+    monkeypatch.setenv("TRAINPIPE_TERM_GRACE_S", "2")
+    os.environ["TRAINPIPE_FAULT"] = json.dumps({"stage": "sft", "step": 2, "action": "pause", "seconds": 300})
+    # 0.25 minutes: enough to load the tiny model and reach step 2, far less than the 300 s pause.
+    proc = cli("run", str(QUICKSTART), *[a for o in fast_overrides(tmp_path / "out") + [
+        "stages.sft.timeout_minutes=0.25", "stages.sft.retry_count=0"] for a in ("--set", o)])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    ledger = Ledger(db_url)
+    run = ledger.list_runs()[0]
+    assert run["state"] == "failed"
+    attempt = ledger.attempts(run["run_id"], "sft")[0]
+    assert attempt["outcome"] == "timed_out" and "timed out after 15 s" in attempt["error"]
+    from trainpipe.engine.liveness import pid_alive
+
+    assert not pid_alive(attempt["pid"]), "the stage process group must be gone"
+    # A failed run is resumable.
+    assert "trainpipe resume" in proc.stdout
+
+
+def test_second_resume_refuses_while_owner_alive(tmp_path, db_url):
+    import signal
+
+    from helpers import only_run_id, start_run, wait_for
+
+    fired = tmp_path / "fired"
+    fault = {"stage": "sft", "step": 2, "action": "pause", "seconds": 120, "once_file": str(fired)}
+    owner = start_run(QUICKSTART, fast_overrides(tmp_path / "out"), fault)
+    try:
+        wait_for(fired.exists, what="SFT to be mid-training")
+        run_id = only_run_id(db_url)
+        second = cli("resume", run_id)
+        assert second.returncode == 2
+        assert f"run {run_id} is owned by pid {owner.pid} on host" in second.stderr
+        assert Ledger(db_url).get_run(run_id)["state"] == "running"
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(timeout=30)
+    # The killed owner's lock never blocks a later resume.
+    resumed = cli("resume", run_id)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
