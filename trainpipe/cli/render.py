@@ -75,7 +75,8 @@ class Renderer:
         else:
             table = Table(title="trainpipe runs")
             for column in headers:
-                table.add_column(column)
+                # The run id is what users copy into `resume`; never truncate it.
+                table.add_column(column, no_wrap=column in ("run id", "started"), min_width=len(column))
             for cell in cells:
                 table.add_row(*cell[:2], _state(cell[2]), *cell[3:])
             self.out.print(table)

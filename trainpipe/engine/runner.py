@@ -34,7 +34,7 @@ from trainpipe.paths import check_run_id, inside
 from trainpipe.stages import OUTPUT_DIRS
 from trainpipe.stages.base import StageSpec
 from trainpipe.stages.data import validate_jsonl
-from trainpipe.store.ledger import Ledger
+from trainpipe.store.ledger import Ledger, StaleState
 from trainpipe.validators import GateContext, GateOutcome, evaluate
 
 RETRY_BACKOFF_S = float(os.environ.get("TRAINPIPE_RETRY_BACKOFF_S", "5"))
@@ -64,7 +64,7 @@ class RunResult:
 
 
 def new_run_id(pipeline_id: str) -> str:
-    return f"{pipeline_id}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    return f"{pipeline_id}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = None,
@@ -96,8 +96,6 @@ def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None) -> 
         raise IllegalTransition(f"run {run_id} is {state}; only interrupted or failed runs can be resumed",
                                 hint="start a new run with `trainpipe run`")
     # The compare-and-set makes the claim exclusive: of two concurrent resumes, one loses here.
-    from trainpipe.store.ledger import StaleState
-
     try:
         ledger.transition_run(run_id, "resume", _fsm("run", "resume"), expect_state=state, set_owner=True,
                               detail={"from": state}, error=None)
