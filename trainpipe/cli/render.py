@@ -46,7 +46,8 @@ def _short(value: Any) -> str:
 class Renderer:
     def __init__(self, json_mode: bool = False):
         self.json_mode = json_mode
-        self.out = Console(highlight=False)
+        # Piped output has no terminal width to respect; rich's 80-column default truncates ids.
+        self.out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
         self.err = Console(stderr=True, highlight=False)
 
     def print_json(self, data: Any) -> None:
