@@ -3,7 +3,6 @@ The built-in tiny model is built once per session into a shared cache (determini
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -28,7 +27,9 @@ def isolated_env(tmp_path, model_cache, monkeypatch) -> Path:
     monkeypatch.setenv("TRAINPIPE_CACHE", str(model_cache))
     monkeypatch.setenv("TRAINPIPE_RETRY_BACKOFF_S", "0")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    # A developer's shell may export these; tests must not depend on them.
     monkeypatch.delenv("TRAINPIPE_FAULT", raising=False)
+    monkeypatch.delenv("TRAINPIPE_STALE_AFTER_S", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     return home
 
@@ -63,12 +64,3 @@ def fast_overrides(output_dir: Path) -> list[str]:
     """Quickstart, shortened for tests: fewer steps, same code path."""
     return [f"output_dir={output_dir}", "sft.max_steps=12", "dpo.max_steps=6", "checkpoint_every_n_steps=4",
             "validation.max_loss=6.5"]
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_env(monkeypatch):
-    # A developer's shell may export these; tests must not depend on them.
-    for name in ("TRAINPIPE_STALE_AFTER_S",):
-        monkeypatch.delenv(name, raising=False)
-    yield
-    os.environ.pop("TRAINPIPE_FAULT", None)

@@ -5,7 +5,6 @@ training step)."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from conftest import QUICKSTART, fast_overrides
@@ -17,9 +16,9 @@ from trainpipe.store.ledger import Ledger
 pytestmark = pytest.mark.slow
 
 
-def test_oom_retry_halves_micro_batch_keeps_effective_batch(tmp_path, db_url):
-    os.environ["TRAINPIPE_FAULT"] = json.dumps(
-        {"stage": "sft", "step": 3, "action": "oom", "once_file": str(tmp_path / "fired")})
+def test_oom_retry_halves_micro_batch_keeps_effective_batch(tmp_path, db_url, monkeypatch):
+    monkeypatch.setenv("TRAINPIPE_FAULT", json.dumps(
+        {"stage": "sft", "step": 3, "action": "oom", "once_file": str(tmp_path / "fired")}))
     result = trainpipe.run(QUICKSTART, overrides=fast_overrides(tmp_path / "out") + ["stages.dpo.enabled=false"])
     assert result.state == "succeeded", result.errors
     ledger = Ledger(db_url)
@@ -37,7 +36,7 @@ def test_oom_retry_halves_micro_batch_keeps_effective_batch(tmp_path, db_url):
 
 def test_stage_timeout_kills_process_group_and_fails_run(tmp_path, db_url, monkeypatch):
     monkeypatch.setenv("TRAINPIPE_TERM_GRACE_S", "2")
-    os.environ["TRAINPIPE_FAULT"] = json.dumps({"stage": "sft", "step": 2, "action": "pause", "seconds": 300})
+    monkeypatch.setenv("TRAINPIPE_FAULT", json.dumps({"stage": "sft", "step": 2, "action": "pause", "seconds": 300}))
     # 0.25 minutes: enough to load the tiny model and reach step 2, far less than the 300 s pause.
     proc = cli("run", str(QUICKSTART), *[a for o in fast_overrides(tmp_path / "out") + [
         "stages.sft.timeout_minutes=0.25", "stages.sft.retry_count=0"] for a in ("--set", o)])

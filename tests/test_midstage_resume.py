@@ -4,7 +4,6 @@ and ends with weights bit-identical to an uninterrupted run of the same config."
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 
@@ -41,14 +40,12 @@ def _assert_identical(a: dict, b: dict) -> None:
 def reference_weights(tmp_path_factory, model_cache):
     """One uninterrupted run; every interrupted scenario must land on exactly these weights."""
     out = tmp_path_factory.mktemp("reference")
-    env_backup = dict(os.environ)
-    os.environ.update(TRAINPIPE_DB=f"sqlite:///{out / 'ledger.db'}", TRAINPIPE_CACHE=str(model_cache),
-                      TRAINPIPE_HOME=str(out / "home"))
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRAINPIPE_DB", f"sqlite:///{out / 'ledger.db'}")
+        env.setenv("TRAINPIPE_CACHE", str(model_cache))
+        env.setenv("TRAINPIPE_HOME", str(out / "home"))
+        env.delenv("TRAINPIPE_FAULT", raising=False)
         result = trainpipe.run(QUICKSTART, overrides=_overrides(out / "artifacts"))
-    finally:
-        os.environ.clear()
-        os.environ.update(env_backup)
     assert result.state == "succeeded", result.errors
     return _final_weights(Path(result.run_dir))
 
@@ -75,10 +72,10 @@ def test_orchestrator_sigkill_mid_stage_resumes_bit_identical(stage, step, tmp_p
     _assert_identical(reference_weights, _final_weights(Path(ledger.get_run(run_id)["run_dir"])))
 
 
-def test_stage_crash_retry_resumes_from_checkpoint_bit_identical(tmp_path, db_url, reference_weights):
+def test_stage_crash_retry_resumes_from_checkpoint_bit_identical(tmp_path, db_url, reference_weights, monkeypatch):
     """The stage process itself is SIGKILLed; the orchestrator's retry continues from the checkpoint."""
     fault = {"stage": "sft", "step": 5, "action": "sigkill", "once_file": str(tmp_path / "fired")}
-    os.environ["TRAINPIPE_FAULT"] = json.dumps(fault)
+    monkeypatch.setenv("TRAINPIPE_FAULT", json.dumps(fault))
     result = trainpipe.run(QUICKSTART, overrides=_overrides(tmp_path / "out"))
     assert result.state == "succeeded", result.errors
     attempts = Ledger(db_url).attempts(result.run_id, "sft")

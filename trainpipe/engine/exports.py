@@ -8,22 +8,14 @@ run's `pipeline_result.json` at `<output_dir>/pipeline_result.json`, where the l
 
 from __future__ import annotations
 
-import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from trainpipe.stages.base import write_json_atomic
 from trainpipe.store.ledger import Ledger
 
 STAGE_FILES = {"sft": ("sft", "metrics.json"), "merge": ("merged", "merge_info.json"), "dpo": ("dpo", "metrics.json")}
-
-
-def _write(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _latest_attempts(ledger: Ledger, run_id: str) -> dict[str, dict[str, Any]]:
@@ -86,7 +78,7 @@ def write_exports(ledger: Ledger, run_id: str) -> dict[str, Any]:
     for name, attempt in _latest_attempts(ledger, run_id).items():
         folder, filename = STAGE_FILES[name]
         if (run_dir / folder).is_dir():
-            _write(run_dir / folder / filename, stage_file_payload(name, attempt.get("metrics") or {}))
-    _write(run_dir / "pipeline_result.json", result)
-    _write(Path(run["output_dir"]) / "pipeline_result.json", result)
+            write_json_atomic(run_dir / folder / filename, stage_file_payload(name, attempt.get("metrics") or {}))
+    write_json_atomic(run_dir / "pipeline_result.json", result)
+    write_json_atomic(Path(run["output_dir"]) / "pipeline_result.json", result)
     return result

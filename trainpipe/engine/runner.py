@@ -175,8 +175,12 @@ def _drive(ledger: Ledger, run_id: str, observer: Observer) -> RunResult:
             return _finish(ledger, run_id, "succeed", EXIT_OK, errors, observer)
         except BaseException as exc:
             # An orchestrator bug must not leave the run `running` behind a live-looking owner.
-            ledger.transition_run(run_id, "fail", _fsm("run", "fail"), clear_owner=True,
-                                  detail={"error": f"{type(exc).__name__}: {exc}"}, error=str(exc))
+            # If the run already left `running`, keep that state and let the original error surface.
+            try:
+                ledger.transition_run(run_id, "fail", _fsm("run", "fail"), clear_owner=True, expect_state="running",
+                                      detail={"error": f"{type(exc).__name__}: {exc}"}, error=str(exc))
+            except StaleState:
+                pass
             raise
 
 
@@ -215,13 +219,18 @@ def newest_verified_checkpoint(ledger: Ledger, run_id: str, stage: str) -> tuple
     return None, skipped
 
 
+def _checkpoint_step(path: str | Path) -> int | None:
+    suffix = Path(path).name.rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else None
+
+
 def _discard_newer_checkpoints(checkpoint_root: Path, keep: str | None) -> None:
     """Unrecorded or unverified checkpoints past the resume point would be overwritten anyway."""
-    keep_step = int(Path(keep).name.split("-")[-1]) if keep else -1
-    if checkpoint_root.is_dir():
-        for path in checkpoint_root.glob("checkpoint-*"):
-            if path.name.split("-")[-1].isdigit() and int(path.name.split("-")[-1]) > keep_step:
-                shutil.rmtree(path, ignore_errors=True)
+    keep_step = _checkpoint_step(keep) if keep else -1
+    for path in checkpoint_root.glob("checkpoint-*"):
+        step = _checkpoint_step(path)
+        if step is not None and step > keep_step:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _oom_overrides(config: PipelineConfig, name: str, previous: dict[str, Any]) -> dict[str, Any]:
@@ -276,7 +285,7 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
                             on_start=lambda pid, _a=attempt_id: ledger.set_attempt_pid(_a, pid),
                             stop_requested=lambda: stop.requested)
         if outcome.ok:
-            return _validate(ledger, run_id, config, name, attempt_id, outcome, observer)
+            return _validate(ledger, run_id, config, name, attempt_id, outcome, observer, work_dir)
 
         attempt_outcome = {"timed_out": "timed_out", "interrupted": "interrupted"}.get(outcome.kind, "failed")
         ledger.close_attempt(attempt_id, attempt_outcome, exit_code=outcome.exit_code, error=outcome.error)
@@ -297,13 +306,13 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
 
 
 def _validate(ledger: Ledger, run_id: str, config: PipelineConfig, name: str, attempt_id: int,
-              outcome: ChildOutcome, observer: Observer) -> tuple[str, str | None, GateOutcome | None]:
+              outcome: ChildOutcome, observer: Observer, work_dir: Path) -> tuple[str, str | None, GateOutcome | None]:
     result = outcome.result
     history = result.get("log_history", [])
     metrics = result.get("metrics", {})
+    attempt_metrics = {**metrics, "final_model_path": result.get("final_model_path")}
     ledger.record_metrics(run_id, name, attempt_id, _metric_rows(history))
-    ledger.close_attempt(attempt_id, "validating", exit_code=outcome.exit_code,
-                         metrics={**metrics, "final_model_path": result.get("final_model_path")})
+    ledger.close_attempt(attempt_id, "validating", exit_code=outcome.exit_code, metrics=attempt_metrics)
     ledger.transition_stage(run_id, name, "validate", _fsm("stage", "validate"), output_path=result["output_path"])
     gate = evaluate(GateContext(stage=name, output_path=result["output_path"], metrics=metrics,
                                 log_history=history, config=config))
@@ -311,21 +320,19 @@ def _validate(ledger: Ledger, run_id: str, config: PipelineConfig, name: str, at
         ledger.record_gate(run_id, name, attempt_id, gate.gate, gate.passed, gate.as_rows())
     if gate is not None and not gate.passed:
         failed = ", ".join(c.name for c in gate.failed if c.severity == "error")
-        ledger.close_attempt(attempt_id, "rejected", exit_code=outcome.exit_code,
-                             metrics={**metrics, "final_model_path": result.get("final_model_path")})
+        ledger.close_attempt(attempt_id, "rejected", exit_code=outcome.exit_code, metrics=attempt_metrics)
         ledger.transition_stage(run_id, name, "reject", _fsm("stage", "reject"), detail={"failed_checks": failed})
         observer.stage_finished(name, "rejected", metrics, gate, f"gate {gate.gate} failed: {failed}")
         return "rejected", f"gate {gate.gate} failed: {failed}", gate
     files = checkpoints.hash_tree(Path(result["output_path"]))
     ledger.record_artifacts(run_id, name, [(str(Path(result["output_path"]) / rel), size, digest)
                                            for rel, size, digest in files])
-    ledger.close_attempt(attempt_id, "passed", exit_code=outcome.exit_code,
-                         metrics={**metrics, "final_model_path": result.get("final_model_path")})
+    ledger.close_attempt(attempt_id, "passed", exit_code=outcome.exit_code, metrics=attempt_metrics)
     ledger.transition_stage(run_id, name, "pass_gate", _fsm("stage", "pass_gate"),
                             detail={"gate": gate.gate if gate else None})
     ledger.update_run(run_id, final_model_path=result.get("final_model_path"))
     if not config.save_intermediate:
-        shutil.rmtree(Path(result["output_path"]).parent / ".work" / name / "checkpoints", ignore_errors=True)
+        shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
     observer.stage_finished(name, "passed", metrics, gate, None)
     return "passed", None, gate
 
