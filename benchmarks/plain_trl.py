@@ -40,8 +40,11 @@ def main(out_dir: str) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     sft = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                     args=SFTConfig(**common(config.sft, "sft")), processing_class=tokenizer,
-                     train_dataset=to_hf_dataset(config.datasets.sft, "sft"), peft_config=lora(config.sft))
+                     args=SFTConfig(**common(config.sft, "sft"), completion_only_loss=config.sft.completion_only_loss),
+                     processing_class=tokenizer,
+                     train_dataset=to_hf_dataset(config.datasets.sft, "sft",
+                                                 completion_only=config.sft.completion_only_loss),
+                     peft_config=lora(config.sft))
     sft.train()
     sft.model.save_pretrained(out / "sft-adapter")
 

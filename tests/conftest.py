@@ -3,6 +3,7 @@ The built-in tiny model is built once per session into a shared cache (determini
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
+PLUGINS = Path(__file__).resolve().parent / "plugins"
 TASK_API = REPO_ROOT / "examples" / "task_api"
 
 
@@ -27,6 +29,9 @@ def isolated_env(tmp_path, model_cache, monkeypatch) -> Path:
     monkeypatch.setenv("TRAINPIPE_CACHE", str(model_cache))
     monkeypatch.setenv("TRAINPIPE_RETRY_BACKOFF_S", "0")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    # Custom checks live in tests/plugins, importable here and in stage processes.
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])))
     # A developer's shell may export these; tests must not depend on them.
     monkeypatch.delenv("TRAINPIPE_FAULT", raising=False)
     monkeypatch.delenv("TRAINPIPE_STALE_AFTER_S", raising=False)
@@ -63,4 +68,6 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def fast_overrides(output_dir: Path) -> list[str]:
     """Quickstart, shortened for tests: fewer steps, same code path."""
     return [f"output_dir={output_dir}", "sft.max_steps=12", "dpo.max_steps=6", "checkpoint_every_n_steps=4",
-            "validation.max_loss=6.5"]
+            "validation.max_loss=6.5",
+            # 12 SFT steps cannot teach the JSON format: the check still runs and reports, as a warning.
+            "validation.checks.output_format_valid.severity=warn", "validation.max_new_tokens=32"]

@@ -308,9 +308,39 @@ def test_unknown_custom_check(files: dict[str, Path]) -> None:
 
 
 def test_dotted_custom_check_is_accepted(files: dict[str, Path]) -> None:
+    edit(files["pipeline"], "- no_harmful_content", "- trainpipe_test_checks:counts_eval_rows")
+
+    assert load().validation.custom_checks == ["output_format_valid", "trainpipe_test_checks:counts_eval_rows"]
+
+
+def test_custom_check_module_that_does_not_import(files: dict[str, Path]) -> None:
     edit(files["pipeline"], "- no_harmful_content", "- my_pkg.checks:no_pii")
 
-    assert load().validation.custom_checks == ["output_format_valid", "my_pkg.checks:no_pii"]
+    message = config_error()
+
+    assert message.startswith(f"{PIPELINE}: key 'validation.custom_checks': custom check 'my_pkg.checks:no_pii' "
+                              "(item 1): cannot import module 'my_pkg.checks'")
+
+
+def test_custom_check_function_that_does_not_exist(files: dict[str, Path]) -> None:
+    edit(files["pipeline"], "- no_harmful_content", "- trainpipe_test_checks:no_such_check")
+
+    message = config_error()
+
+    assert "module 'trainpipe_test_checks' has no function 'no_such_check'" in message
+
+
+def test_override_for_an_unknown_check(files: dict[str, Path]) -> None:
+    append(files["pipeline"], "\n")
+    message = config_error(overrides=["validation.checks.loss_went_dwn.severity=warn"])
+
+    assert "unknown check 'loss_went_dwn' (did you mean 'loss_went_down'?)" in message
+
+
+def test_blocklist_pattern_that_is_not_a_regex(files: dict[str, Path]) -> None:
+    message = config_error(overrides=["validation.blocklist=['(unclosed']"])
+
+    assert "blocklist pattern '(unclosed' is not a valid regex" in message
 
 
 def test_dpo_enabled_without_preference_dataset(lesson_dir: Path) -> None:

@@ -189,3 +189,20 @@ def test_checking_imports_no_torch(tmp_path: Path) -> None:
             "assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_default_eval_split_is_held_out_of_sft_and_deterministic():
+    from conftest import QUICKSTART
+
+    from trainpipe.config import load_config
+    from trainpipe.stages.data import eval_rows, sft_rows
+
+    config = load_config(QUICKSTART, overrides=["datasets.eval=null", "validation.eval_split=0.1"])
+    trained, held_out = sft_rows(config), eval_rows(config)
+
+    assert len(held_out) == 24 and len(trained) == 216
+    as_key = lambda row: json.dumps(row, sort_keys=True)  # noqa: E731
+    assert not {as_key(r) for r in trained} & {as_key(r) for r in held_out}
+    assert eval_rows(config) == held_out  # same seed, same split
+    with_file = load_config(QUICKSTART)
+    assert len(eval_rows(with_file)) == 40 and len(sft_rows(with_file)) == 240

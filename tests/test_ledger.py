@@ -407,3 +407,39 @@ def test_list_runs_filters_by_state(ledger: Ledger) -> None:
     assert [r["run_id"] for r in ledger.list_runs(states=["running"])] == ["run-2"]
     assert {r["run_id"] for r in ledger.list_runs(states=["pending", "running"])} == {"run-1", "run-2"}
     assert len(ledger.list_runs(limit=1)) == 1
+
+
+# ------------------------------------------------------------------ checkpoints on disk vs the ledger
+
+
+def _write_checkpoint(root: Path, step: int) -> Path:
+    from trainpipe.checkpoints import write_manifest
+
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "adapter_model.safetensors").write_bytes(os.urandom(256))
+    write_manifest(path, step)
+    return path
+
+
+def test_complete_checkpoint_the_orchestrator_never_recorded_is_adopted(ledger, tmp_path):
+    """The orchestrator can die after the stage wrote a manifest but before it read the event."""
+    from trainpipe.engine.runner import adopt_unrecorded_checkpoints, newest_verified_checkpoint
+
+    run_id = make_run(ledger, tmp=tmp_path)
+    attempt_id, _ = ledger.open_attempt(run_id, "sft")
+    root = tmp_path / "checkpoints"
+    recorded = _write_checkpoint(root, 2)
+    ledger.record_checkpoint(run_id, "sft", attempt_id, 2, str(recorded), None)
+    unrecorded = _write_checkpoint(root, 4)
+    half_written = root / "checkpoint-6"
+    half_written.mkdir()
+    (half_written / "adapter_model.safetensors").write_bytes(b"partial")
+    tampered = _write_checkpoint(root, 8)
+    (tampered / "adapter_model.safetensors").write_bytes(b"changed after the manifest")
+
+    assert adopt_unrecorded_checkpoints(ledger, run_id, "sft", root) == [str(unrecorded)]
+    assert newest_verified_checkpoint(ledger, run_id, "sft") == (str(unrecorded), [])
+    assert sorted(r["step"] for r in ledger.checkpoints(run_id, "sft")) == [2, 4]
+    # Adopting twice records nothing new.
+    assert adopt_unrecorded_checkpoints(ledger, run_id, "sft", root) == []

@@ -90,9 +90,11 @@ def test_corrupt_newest_checkpoint_is_skipped_with_reason(tmp_path, db_url, refe
     proc = start_run(QUICKSTART, _overrides(tmp_path / "out"), fault)
     wait_for(lambda: (tmp_path / "fired").exists(), what="SFT to reach step 7")
     run_id = only_run_id(db_url)
+    ledger = Ledger(db_url)
+    # The orchestrator records checkpoint-6 when it next reads the events file; kill it after that.
+    wait_for(lambda: any(c["step"] == 6 for c in ledger.checkpoints(run_id, "sft")), what="checkpoint-6 recorded")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    ledger = Ledger(db_url)
     newest = max(ledger.checkpoints(run_id, "sft"), key=lambda c: c["step"])
     assert newest["step"] == 6
     weights = Path(newest["path"]) / "adapter_model.safetensors"

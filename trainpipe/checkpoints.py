@@ -38,6 +38,14 @@ def write_manifest(checkpoint_dir: Path, step: int) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def manifest_step(checkpoint_dir: str | Path) -> int | None:
+    try:
+        step = json.loads((Path(checkpoint_dir) / MANIFEST).read_text(encoding="utf-8")).get("step")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 def verify(checkpoint_dir: str | Path) -> str | None:
     """None if the checkpoint is complete and intact, else the reason it cannot be trusted."""
     root = Path(checkpoint_dir)

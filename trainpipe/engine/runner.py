@@ -35,7 +35,7 @@ from trainpipe.stages import OUTPUT_DIRS
 from trainpipe.stages.base import StageSpec
 from trainpipe.stages.data import validate_jsonl
 from trainpipe.store.ledger import Ledger, StaleState
-from trainpipe.validators import GateContext, GateOutcome, evaluate
+from trainpipe.validators.gate import GateOutcome
 
 RETRY_BACKOFF_S = float(os.environ.get("TRAINPIPE_RETRY_BACKOFF_S", "5"))
 RETRYABLE = {"error", "oom", "killed", "timed_out"}
@@ -219,6 +219,29 @@ def newest_verified_checkpoint(ledger: Ledger, run_id: str, stage: str) -> tuple
     return None, skipped
 
 
+def adopt_unrecorded_checkpoints(ledger: Ledger, run_id: str, stage: str, checkpoint_root: Path) -> list[str]:
+    """Record finished checkpoints the ledger never heard of.
+
+    The stage writes the manifest, then tells the orchestrator; an orchestrator killed in between
+    would otherwise throw away a complete checkpoint. The manifest's hashes make it safe to adopt.
+    """
+    known = {row["path"] for row in ledger.checkpoints(run_id, stage)}
+    attempts = ledger.attempts(run_id, stage)
+    if not attempts or not checkpoint_root.is_dir():
+        return []
+    adopted = []
+    for path in sorted(checkpoint_root.glob("checkpoint-*"), key=lambda p: _checkpoint_step(p) or -1):
+        step = _checkpoint_step(path)
+        if str(path) in known or step is None or checkpoints.verify(path) is not None:
+            continue
+        if checkpoints.manifest_step(path) != step:
+            continue
+        ledger.record_checkpoint(run_id, stage, attempts[-1]["id"], step, str(path),
+                                 checkpoints.sha256_file(path / checkpoints.MANIFEST))
+        adopted.append(str(path))
+    return adopted
+
+
 def _checkpoint_step(path: str | Path) -> int | None:
     suffix = Path(path).name.rsplit("-", 1)[-1]
     return int(suffix) if suffix.isdigit() else None
@@ -251,11 +274,14 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
     output_dir = inside(run_dir, OUTPUT_DIRS[name])
     overrides: dict[str, Any] = {}
     for attempt_index in range(entry.retry_count + 1):
+        adopted = adopt_unrecorded_checkpoints(ledger, run_id, name, work_dir / "checkpoints")
         resume_from, skipped = newest_verified_checkpoint(ledger, run_id, name)
         _discard_newer_checkpoints(work_dir / "checkpoints", resume_from)
         detail: dict[str, Any] = {"resume_from": resume_from}
         if skipped:
             detail["skipped_checkpoints"] = skipped
+        if adopted:
+            detail["adopted_checkpoints"] = adopted
         if overrides:
             detail["overrides"] = overrides
         ledger.transition_stage(run_id, name, "start", _fsm("stage", "start"), detail=detail)
@@ -271,7 +297,10 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
         spec.save(spec_path)
 
         def on_event(event: dict[str, Any], _attempt_id: int = attempt_id) -> None:
-            if event["type"] == "checkpoint":
+            if event["type"] == "validating":
+                _record_output(ledger, run_id, name, _attempt_id, event)
+                observer.note(f"{name}: output written, running its gate")
+            elif event["type"] == "checkpoint":
                 ledger.record_checkpoint(run_id, name, _attempt_id, int(event["step"]), event["path"],
                                          event.get("manifest_sha256"))
             elif event["type"] in ("progress", "log"):
@@ -305,17 +334,22 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
     return "failed", "no attempts left", None
 
 
+def _record_output(ledger: Ledger, run_id: str, name: str, attempt_id: int, result: dict[str, Any]) -> None:
+    """The stage's output is in place: record its metrics and enter `validating`."""
+    metrics = result.get("metrics", {})
+    ledger.record_metrics(run_id, name, attempt_id, _metric_rows(result.get("log_history", [])))
+    ledger.close_attempt(attempt_id, "validating", metrics={**metrics, "final_model_path": result.get("final_model_path")})
+    ledger.transition_stage(run_id, name, "validate", _fsm("stage", "validate"), output_path=result["output_path"])
+
+
 def _validate(ledger: Ledger, run_id: str, config: PipelineConfig, name: str, attempt_id: int,
               outcome: ChildOutcome, observer: Observer, work_dir: Path) -> tuple[str, str | None, GateOutcome | None]:
     result = outcome.result
-    history = result.get("log_history", [])
     metrics = result.get("metrics", {})
     attempt_metrics = {**metrics, "final_model_path": result.get("final_model_path")}
-    ledger.record_metrics(run_id, name, attempt_id, _metric_rows(history))
-    ledger.close_attempt(attempt_id, "validating", exit_code=outcome.exit_code, metrics=attempt_metrics)
-    ledger.transition_stage(run_id, name, "validate", _fsm("stage", "validate"), output_path=result["output_path"])
-    gate = evaluate(GateContext(stage=name, output_path=result["output_path"], metrics=metrics,
-                                log_history=history, config=config))
+    if next(s for s in ledger.stages(run_id) if s["name"] == name)["state"] != "validating":
+        _record_output(ledger, run_id, name, attempt_id, result)  # a stage without a gate
+    gate = GateOutcome.from_rows(result["gate"]["gate"], result["gate"]["checks"]) if result.get("gate") else None
     if gate is not None:
         ledger.record_gate(run_id, name, attempt_id, gate.gate, gate.passed, gate.as_rows())
     if gate is not None and not gate.passed:

@@ -101,12 +101,45 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def to_hf_dataset(path: str | Path, kind: str):
+def split_heldout(rows: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """A deterministic (train, held-out) split; the held-out part is never trained on."""
+    import random
+
+    if fraction <= 0 or len(rows) < 2:
+        return list(rows), []
+    count = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
+    heldout = set(random.Random(seed).sample(range(len(rows)), count))
+    return ([r for i, r in enumerate(rows) if i not in heldout],
+            [r for i, r in enumerate(rows) if i in heldout])
+
+
+def sft_rows(config: Any) -> list[dict[str, Any]]:
+    """The SFT rows trained on: all of them, less the eval split when no eval file is configured."""
+    rows = load_rows(config.datasets.sft)
+    if config.datasets.eval:
+        return rows
+    return split_heldout(rows, config.validation.eval_split, config.seed)[0]
+
+
+def eval_rows(config: Any) -> list[dict[str, Any]]:
+    """Held-out rows for generation checks: the eval file, else the split kept out of SFT."""
+    if config.datasets.eval:
+        return load_rows(config.datasets.eval)
+    if not config.datasets.sft:
+        return []
+    return split_heldout(load_rows(config.datasets.sft), config.validation.eval_split, config.seed)[1]
+
+
+def to_hf_dataset(path: str | Path, kind: str, *, rows: list[dict[str, Any]] | None = None,
+                  completion_only: bool = False):
     """A `datasets.Dataset` in the shape TRL expects (conversational or standard)."""
     from datasets import Dataset
 
-    rows = load_rows(path)
-    if kind == "sft" and "messages" in rows[0]:
+    rows = load_rows(path) if rows is None else rows
+    if kind == "sft" and "messages" in rows[0] and completion_only:
+        # TRL computes the loss on `completion` only, whatever the model's chat template.
+        rows = [_as_prompt_completion(r["messages"]) for r in rows]
+    elif kind == "sft" and "messages" in rows[0]:
         # Keep only the keys TRL reads; extra per-row metadata would become columns of mixed types.
         rows = [{"messages": r["messages"]} for r in rows]
     elif kind == "sft" and "prompt" in rows[0]:
@@ -117,6 +150,12 @@ def to_hf_dataset(path: str | Path, kind: str):
         rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
         rows = [_as_conversational(r) for r in rows]
     return Dataset.from_list(rows)
+
+
+def _as_prompt_completion(messages: list[dict[str, str]]) -> dict[str, Any]:
+    """Everything before the last assistant turn is the prompt; that turn is the completion."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return {"prompt": messages[:last], "completion": [messages[last]]}
 
 
 def _as_conversational(row: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from trainpipe.stages.base import StageContext, StageResult
-from trainpipe.stages.data import to_hf_dataset
+from trainpipe.stages.data import sft_rows, to_hf_dataset
 from trainpipe.stages.loading import load_for_lora_training, resolve_model, select_backend
 from trainpipe.stages.training import (
     callbacks,
@@ -24,10 +24,12 @@ def run(ctx: StageContext) -> StageResult:
     backend = select_backend(ctx.config.backend)
     base = resolve_model(ctx.spec.inputs["base_model"])
     model, tokenizer, peft_config = load_for_lora_training(base, settings, ctx.config, backend)
-    dataset = to_hf_dataset(ctx.config.datasets.sft, "sft")
+    dataset = to_hf_dataset(ctx.config.datasets.sft, "sft", rows=sft_rows(ctx.config),
+                            completion_only=settings.completion_only_loss)
 
     patch_trl_for_cpu()
-    args = SFTConfig(**trainer_kwargs(ctx, settings), packing=False)
+    args = SFTConfig(**trainer_kwargs(ctx, settings), packing=False,
+                     completion_only_loss=settings.completion_only_loss)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks(ctx))
     outcome = train(trainer, ctx)

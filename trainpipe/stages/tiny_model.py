@@ -17,11 +17,12 @@ from trainpipe.paths import bundled_path, cache_dir
 BUILTIN_PREFIX = "builtin:"
 TINY_NAME = "tiny-qwen2"
 # Bump when anything below changes what gets built, so stale caches are not reused.
-RECIPE_VERSION = "2"
+RECIPE_VERSION = "3"
 # A short full-parameter pretraining on the raw strings of the corpus (requests and JSON actions,
-# each on its own), so the base knows the vocabulary but not the request -> action mapping that
-# SFT teaches. Single-threaded so the weights are the same on every machine.
-PRETRAIN = dict(steps=300, batch_size=32, seq_len=48, learning_rate=3e-3)
+# each on its own) and on chat transcripts that stop where the assistant's reply would begin, so
+# the base knows the vocabulary and the chat format but not the request -> action mapping that SFT
+# teaches. Single-threaded so the weights are the same on every machine.
+PRETRAIN = dict(steps=300, batch_size=32, seq_len=64, learning_rate=3e-3)
 
 VOCAB_SIZE = 1024
 ARCH = dict(
@@ -60,6 +61,10 @@ def _corpus() -> list[str]:
             row = json.loads(line)
             for message in row.get("messages", []):
                 texts.append(message["content"])
+            if row.get("messages"):
+                prompt = [m for m in row["messages"] if m["role"] != "assistant"]
+                texts.append("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in prompt)
+                             + "<|im_start|>assistant\n")
             for key in ("prompt", "chosen", "rejected"):
                 if isinstance(row.get(key), str):
                     texts.append(row[key])

@@ -14,6 +14,7 @@ import sys
 import traceback
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from trainpipe.stages import STAGES
 from trainpipe.stages.base import EventWriter, StageContext, StageSpec, write_json_atomic
@@ -42,6 +43,8 @@ def main(argv: list[str]) -> int:
     result_path = Path(spec.result_path)
     try:
         result = importlib.import_module(STAGES[spec.stage]).run(ctx)
+        _tamper_output_if_asked(spec.fault, result.output_path)
+        gate = _run_gate(ctx, result)
     except Preempted as exc:
         write_json_atomic(result_path, {"ok": False, "kind": "preempted", "error": str(exc)})
         return EXIT_PREEMPTED
@@ -54,8 +57,40 @@ def main(argv: list[str]) -> int:
                                         "traceback": traceback.format_exc()})
         traceback.print_exc()
         return 1
-    write_json_atomic(result_path, {"ok": True, **asdict(result)})
+    write_json_atomic(result_path, {"ok": True, **asdict(result), "gate": gate})
     return 0
+
+
+def _run_gate(ctx: StageContext, result: Any) -> dict[str, Any] | None:
+    """The gate runs here, in the stage's process: torch and the libraries are already imported,
+    which saves a second process start per stage."""
+    from trainpipe.validators import GATES, GateContext, evaluate
+    from trainpipe.validators.resources import GateResources
+
+    if ctx.spec.stage not in GATES:
+        return None
+    ctx.events.emit("validating", output_path=result.output_path, metrics=result.metrics,
+                    log_history=result.log_history, final_model_path=result.final_model_path)
+    gate_ctx = GateContext(stage=ctx.spec.stage, output_path=result.output_path, metrics=result.metrics,
+                           log_history=result.log_history, config=ctx.config, inputs=dict(ctx.spec.inputs))
+    gate_ctx.resources = GateResources(gate_ctx)
+    outcome = evaluate(gate_ctx)
+    return {"gate": outcome.gate, "checks": outcome.as_rows()}
+
+
+def _tamper_output_if_asked(fault: dict[str, Any], output_path: str) -> None:
+    """Test hook (TRAINPIPE_FAULT action "tamper_output"): change one weight of the finished output
+    before its gate runs, as a bad disk or a stray script would."""
+    if fault.get("action") != "tamper_output":
+        return
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = Path(output_path) / fault.get("file", "model.safetensors")
+    tensors = load_file(str(path))
+    name = sorted(k for k, v in tensors.items() if v.is_floating_point() and v.dim() == 2)[0]
+    tensors[name] = tensors[name] + float(fault.get("delta", 0.05)) * torch.ones_like(tensors[name])
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def _is_oom(exc: BaseException) -> bool:

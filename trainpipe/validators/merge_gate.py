@@ -1,0 +1,105 @@
+"""Gate 2, after the merge: the merged model loads, computes what base + adapter computed, has the
+size its parameter count and dtype imply, and carries a tokenizer with a chat template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainpipe.validators.gate import GateContext, Outcome
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Relative to the largest |logit|: float32 agrees to rounding; half precisions lose 3-4 digits.
+DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+SAMPLE_CONVERSATION = [{"role": "user", "content": "hello"}]
+
+
+def merged_model_loads(ctx: GateContext) -> Outcome:
+    model, _tokenizer = ctx.resources.model()
+    count = sum(p.numel() for p in model.parameters())
+    return Outcome(count > 0, value=count, threshold=">0 parameters", details=type(model).__name__)
+
+
+def size_ok(ctx: GateContext) -> Outcome:
+    from safetensors import safe_open
+
+    root = Path(ctx.output_path or "")
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        return Outcome(False, details=f"no .safetensors files in {root}")
+    count = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                count += _numel(handle.get_slice(key).get_shape())
+    dtype = ctx.config.merge.dtype
+    expected = count * DTYPE_BYTES[dtype]
+    actual = sum(p.stat().st_size for p in files)
+    ratio = actual / expected if expected else float("inf")
+    return Outcome(0.9 <= ratio <= 1.1, value=actual, threshold=f"{expected} ± 10%",
+                   details=f"{count} parameters x {DTYPE_BYTES[dtype]} bytes ({dtype}); on disk {ratio:.3f}x that")
+
+
+def _numel(shape: list[int]) -> int:
+    total = 1
+    for dim in shape:
+        total *= int(dim)
+    return total
+
+
+def tokenizer_ok(ctx: GateContext) -> Outcome:
+    from trainpipe.stages.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(ctx.output_path), ctx.config)
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return Outcome(False, value=False, threshold="chat template present",
+                       details="the tokenizer has no chat_template; save it with the merged model")
+    rendered = tokenizer.apply_chat_template(SAMPLE_CONVERSATION, tokenize=False, add_generation_prompt=True)
+    return Outcome(bool(rendered), value=True, threshold="chat template present",
+                   details=f"vocab {len(tokenizer)}, template renders {len(rendered)} chars")
+
+
+def _equivalence_prompts(ctx: GateContext, count: int) -> list[list[dict[str, str]]]:
+    from trainpipe.stages.data import eval_rows, load_rows
+
+    rows = eval_rows(ctx.config) or (load_rows(ctx.config.datasets.sft) if ctx.config.datasets.sft else [])
+    prompts = []
+    for row in rows[:count]:
+        if "messages" in row:
+            last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+            prompts.append(row["messages"][:last])
+        elif isinstance(row.get("prompt"), str):
+            prompts.append([{"role": "user", "content": row["prompt"]}])
+    return prompts or [SAMPLE_CONVERSATION]
+
+
+def merge_equivalence(ctx: GateContext) -> Outcome:
+    """Logits of merged vs base + adapter (unmerged, float32) on fixed prompts."""
+    import torch
+    from peft import PeftModel
+
+    from trainpipe.stages.loading import load_causal_lm, resolve_model
+
+    merged, tokenizer = ctx.resources.model()
+    base = load_causal_lm(resolve_model(ctx.inputs["base_model"]), ctx.config, full_precision=True,
+                          dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, ctx.inputs["sft_adapter"]).eval()
+    dtype = ctx.config.merge.dtype
+    tolerance = ctx.config.validation.merge_tolerance or DEFAULT_TOLERANCE[dtype]
+    prompts = _equivalence_prompts(ctx, ctx.config.validation.merge_prompts)
+    worst = 0.0
+    worst_prompt = 0
+    with torch.no_grad():
+        for index, conversation in enumerate(prompts):
+            text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+            want = reference(**{k: v.to(reference.device) for k, v in ids.items()}).logits.float()
+            got = merged(**{k: v.to(merged.device) for k, v in ids.items()}).logits.float().to(want.device)
+            relative = float((got - want).abs().max() / max(1.0, float(want.abs().max())))
+            if not relative <= worst:
+                worst, worst_prompt = relative, index
+    passed = worst <= tolerance
+    details = f"{len(prompts)} prompts, merged stored as {dtype}; worst on prompt {worst_prompt}"
+    if not passed:
+        details += "; the merged weights do not match base + adapter (modified after the merge, or wrong base?)"
+    return Outcome(passed, value=worst, threshold=f"<= {tolerance:g} (relative)", details=details)
