@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench matrix soak clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,15 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/gate_parallelism.py
+
+# The whole fault-injection matrix (~20 min on 2 cores); `make test` runs 4 of its 20 scenarios.
+matrix: install
+	TRAINPIPE_FULL_MATRIX=1 $(BIN)/python -m pytest -q -rA tests/test_fault_matrix.py
+
+# 100 random kills and resumes, then 8 concurrent runs on one ledger (~30-40 min on 2 cores).
+soak: install
+	$(BIN)/python benchmarks/soak.py --kills 100 --concurrent 8
 
 clean:
 	rm -rf $(VENV) trainpipe-demo .pytest_cache

@@ -71,3 +71,25 @@ def fast_overrides(output_dir: Path) -> list[str]:
             "validation.max_loss=6.5",
             # 12 SFT steps cannot teach the JSON format: the check still runs and reports, as a warning.
             "validation.checks.output_format_valid.severity=warn", "validation.max_new_tokens=32"]
+
+
+def resume_overrides(output_dir: Path) -> list[str]:
+    """Short, with several checkpoints per stage: SFT 12 steps, DPO 6 steps, a checkpoint every 2."""
+    return fast_overrides(output_dir) + ["checkpoint_every_n_steps=2", "sft.max_steps=12", "dpo.max_steps=6"]
+
+
+@pytest.fixture(scope="session")
+def reference_weights(tmp_path_factory, model_cache):
+    """One uninterrupted run; every interrupted scenario must land on exactly these weights."""
+    import trainpipe
+    from helpers import final_weights
+
+    out = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRAINPIPE_DB", f"sqlite:///{out / 'ledger.db'}")
+        env.setenv("TRAINPIPE_CACHE", str(model_cache))
+        env.setenv("TRAINPIPE_HOME", str(out / "home"))
+        env.delenv("TRAINPIPE_FAULT", raising=False)
+        result = trainpipe.run(QUICKSTART, overrides=resume_overrides(out / "artifacts"))
+    assert result.state == "succeeded", result.errors
+    return final_weights(Path(result.run_dir))

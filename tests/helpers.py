@@ -72,3 +72,29 @@ def start_run(config: Path, overrides: list[str], fault: dict | None = None) -> 
     args = [arg for override in overrides for arg in ("--set", override)]
     return subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "run", str(config), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def final_weights(run_dir: Path) -> dict:
+    """SFT adapter, DPO adapter and the final merged model of a run."""
+    return {
+        "sft": load_weights(run_dir / "sft" / "adapter_model.safetensors"),
+        "dpo": load_weights(run_dir / "dpo" / "adapter_model.safetensors"),
+        "final": load_weights(run_dir / "dpo" / "merged" / "model.safetensors"),
+    }
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    for part in a:
+        assert set(a[part]) == set(b[part]), part
+        worst = max(float((a[part][k] - b[part][k]).abs().max()) for k in a[part])
+        assert worst == 0.0, f"{part}: max abs diff {worst}"
+
+
+def assert_transitions_gap_free(ledger: Ledger, run_id: str) -> None:
+    """Every transition starts where the previous one of the same run or stage ended."""
+    last: dict = {}
+    for t in ledger.transitions(run_id):
+        key = t["stage"]
+        if key in last:
+            assert t["from_state"] == last[key], f"{key or 'run'}: {last[key]} then {t['from_state']}->{t['to_state']}"
+        last[key] = t["to_state"]

@@ -8,53 +8,20 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import QUICKSTART, fast_overrides
-from helpers import cli, load_weights, only_run_id, start_run, wait_for
+from conftest import QUICKSTART, resume_overrides
+from helpers import assert_identical, cli, final_weights, only_run_id, start_run, wait_for
 
 import trainpipe
 from trainpipe.store.ledger import Ledger
 
 pytestmark = pytest.mark.slow
 
-# Short but with several checkpoints per stage: SFT 12 steps, DPO 6 steps, a checkpoint every 2 steps.
-def _overrides(out: Path) -> list[str]:
-    return fast_overrides(out) + ["checkpoint_every_n_steps=2", "sft.max_steps=12", "dpo.max_steps=6"]
-
-
-def _final_weights(run_dir: Path) -> dict:
-    return {
-        "sft": load_weights(run_dir / "sft" / "adapter_model.safetensors"),
-        "dpo": load_weights(run_dir / "dpo" / "adapter_model.safetensors"),
-        "final": load_weights(run_dir / "dpo" / "merged" / "model.safetensors"),
-    }
-
-
-def _assert_identical(a: dict, b: dict) -> None:
-    for part in a:
-        assert set(a[part]) == set(b[part]), part
-        worst = max(float((a[part][k] - b[part][k]).abs().max()) for k in a[part])
-        assert worst == 0.0, f"{part}: max abs diff {worst}"
-
-
-@pytest.fixture(scope="module")
-def reference_weights(tmp_path_factory, model_cache):
-    """One uninterrupted run; every interrupted scenario must land on exactly these weights."""
-    out = tmp_path_factory.mktemp("reference")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("TRAINPIPE_DB", f"sqlite:///{out / 'ledger.db'}")
-        env.setenv("TRAINPIPE_CACHE", str(model_cache))
-        env.setenv("TRAINPIPE_HOME", str(out / "home"))
-        env.delenv("TRAINPIPE_FAULT", raising=False)
-        result = trainpipe.run(QUICKSTART, overrides=_overrides(out / "artifacts"))
-    assert result.state == "succeeded", result.errors
-    return _final_weights(Path(result.run_dir))
-
 
 @pytest.mark.parametrize("stage,step", [("sft", 7), ("dpo", 3)])
 def test_orchestrator_sigkill_mid_stage_resumes_bit_identical(stage, step, tmp_path, db_url, reference_weights):
     # The stage pauses at `step` (after the checkpoint at step-1), so the kill lands mid-training.
     fault = {"stage": stage, "step": step, "action": "pause", "seconds": 120, "once_file": str(tmp_path / "fired")}
-    proc = start_run(QUICKSTART, _overrides(tmp_path / "out"), fault)
+    proc = start_run(QUICKSTART, resume_overrides(tmp_path / "out"), fault)
     wait_for(lambda: (tmp_path / "fired").exists(), what=f"{stage} to reach step {step}")
     run_id = only_run_id(db_url)
     proc.send_signal(signal.SIGKILL)
@@ -69,25 +36,25 @@ def test_orchestrator_sigkill_mid_stage_resumes_bit_identical(stage, step, tmp_p
     assert resumed_from and resumed_from.endswith(f"checkpoint-{step - 1}"), resumed_from
     # At most one checkpoint interval was redone.
     assert step - int(resumed_from.rsplit("-", 1)[1]) <= 2
-    _assert_identical(reference_weights, _final_weights(Path(ledger.get_run(run_id)["run_dir"])))
+    assert_identical(reference_weights, final_weights(Path(ledger.get_run(run_id)["run_dir"])))
 
 
 def test_stage_crash_retry_resumes_from_checkpoint_bit_identical(tmp_path, db_url, reference_weights, monkeypatch):
     """The stage process itself is SIGKILLed; the orchestrator's retry continues from the checkpoint."""
     fault = {"stage": "sft", "step": 5, "action": "sigkill", "once_file": str(tmp_path / "fired")}
     monkeypatch.setenv("TRAINPIPE_FAULT", json.dumps(fault))
-    result = trainpipe.run(QUICKSTART, overrides=_overrides(tmp_path / "out"))
+    result = trainpipe.run(QUICKSTART, overrides=resume_overrides(tmp_path / "out"))
     assert result.state == "succeeded", result.errors
     attempts = Ledger(db_url).attempts(result.run_id, "sft")
     assert [a["outcome"] for a in attempts] == ["failed", "passed"]
     assert "SIGKILL" in attempts[0]["error"]
     assert attempts[1]["resumed_from"].endswith("checkpoint-4")
-    _assert_identical(reference_weights, _final_weights(Path(result.run_dir)))
+    assert_identical(reference_weights, final_weights(Path(result.run_dir)))
 
 
 def test_corrupt_newest_checkpoint_is_skipped_with_reason(tmp_path, db_url, reference_weights):
     fault = {"stage": "sft", "step": 7, "action": "pause", "seconds": 120, "once_file": str(tmp_path / "fired")}
-    proc = start_run(QUICKSTART, _overrides(tmp_path / "out"), fault)
+    proc = start_run(QUICKSTART, resume_overrides(tmp_path / "out"), fault)
     wait_for(lambda: (tmp_path / "fired").exists(), what="SFT to reach step 7")
     run_id = only_run_id(db_url)
     ledger = Ledger(db_url)
@@ -106,4 +73,4 @@ def test_corrupt_newest_checkpoint_is_skipped_with_reason(tmp_path, db_url, refe
     assert attempts[-1]["resumed_from"].endswith("checkpoint-4")
     start = [t for t in ledger.transitions(run_id) if t["stage"] == "sft" and t["trigger"] == "start"][-1]
     assert "does not match its sha256" in start["detail"]["skipped_checkpoints"][0]
-    _assert_identical(reference_weights, _final_weights(Path(ledger.get_run(run_id)["run_dir"])))
+    assert_identical(reference_weights, final_weights(Path(ledger.get_run(run_id)["run_dir"])))

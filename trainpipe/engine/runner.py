@@ -82,6 +82,7 @@ def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = Non
     observer = observer or Observer()
     observer.run_created(run_id, str(run_dir))
     ledger.transition_run(run_id, "start", _fsm("run", "start"), set_owner=True)
+    _fault_point("run:start")
     return _drive(ledger, run_id, observer)
 
 
@@ -115,6 +116,26 @@ def validate_inputs(config: PipelineConfig) -> None:
         validate_jsonl(config.datasets.preference, "preference")
     if config.datasets.eval:
         validate_jsonl(config.datasets.eval, "eval")
+
+
+def _fault_point(point: str, step: int | None = None) -> None:
+    """Test hook (TRAINPIPE_FAULT {"action": "kill_orchestrator", "at": "sft:validate", ...}): SIGKILL
+    this process right after the named ledger write, to prove a resume recovers from that moment.
+    Points: run:start, <stage>:start|validate|pass_gate, <stage>:checkpoint (with "step")."""
+    raw = os.environ.get("TRAINPIPE_FAULT")
+    if not raw or '"kill_orchestrator"' not in raw:
+        return
+    import json
+
+    fault = json.loads(raw)
+    if fault.get("at") != point or (step is not None and fault.get("step") != step):
+        return
+    once = fault.get("once_file")
+    if once:
+        if Path(once).exists():
+            return
+        Path(once).write_text("fired\n")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsm(kind: str, trigger: str):
@@ -287,6 +308,7 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
         ledger.transition_stage(run_id, name, "start", _fsm("stage", "start"), detail=detail)
         attempt_id, attempt_no = ledger.open_attempt(run_id, name, resumed_from=resume_from, overrides=overrides)
         observer.stage_started(name, attempt_no, resume_from)
+        _fault_point(f"{name}:start")
         spec = StageSpec(stage=name, run_id=run_id, attempt=attempt_no, config=config.model_dump(mode="json"),
                          run_dir=str(run_dir), output_dir=str(output_dir), work_dir=str(work_dir),
                          events_path=str(work_dir / f"events-{attempt_no}.jsonl"),
@@ -303,6 +325,7 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
             elif event["type"] == "checkpoint":
                 ledger.record_checkpoint(run_id, name, _attempt_id, int(event["step"]), event["path"],
                                          event.get("manifest_sha256"))
+                _fault_point(f"{name}:checkpoint", int(event["step"]))
             elif event["type"] in ("progress", "log"):
                 observer.stage_progress(name, int(event.get("step", 0)), int(event.get("total", 0)),
                                         event.get("logs"))
@@ -340,6 +363,7 @@ def _record_output(ledger: Ledger, run_id: str, name: str, attempt_id: int, resu
     ledger.record_metrics(run_id, name, attempt_id, _metric_rows(result.get("log_history", [])))
     ledger.close_attempt(attempt_id, "validating", metrics={**metrics, "final_model_path": result.get("final_model_path")})
     ledger.transition_stage(run_id, name, "validate", _fsm("stage", "validate"), output_path=result["output_path"])
+    _fault_point(f"{name}:validate")
 
 
 def _validate(ledger: Ledger, run_id: str, config: PipelineConfig, name: str, attempt_id: int,
@@ -365,6 +389,7 @@ def _validate(ledger: Ledger, run_id: str, config: PipelineConfig, name: str, at
     ledger.transition_stage(run_id, name, "pass_gate", _fsm("stage", "pass_gate"),
                             detail={"gate": gate.gate if gate else None})
     ledger.update_run(run_id, final_model_path=result.get("final_model_path"))
+    _fault_point(f"{name}:pass_gate")
     if not config.save_intermediate:
         shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
     observer.stage_finished(name, "passed", metrics, gate, None)

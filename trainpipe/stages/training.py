@@ -78,7 +78,7 @@ def callbacks(ctx: StageContext) -> list[Any]:
         def on_step_end(self, args, state, control, **kw):
             events.emit("progress", step=state.global_step, total=state.max_steps)
             if fault.get("step") == state.global_step:
-                _inject_fault(fault)
+                inject_fault(fault)
             if stop_requested():
                 control.should_save = True
                 control.should_training_stop = True
@@ -96,7 +96,7 @@ def callbacks(ctx: StageContext) -> list[Any]:
     return [PipelineCallback()]
 
 
-def _inject_fault(fault: dict[str, Any]) -> None:
+def inject_fault(fault: dict[str, Any]) -> None:
     """Test hook (TRAINPIPE_FAULT): real OOM and real crashes cannot be provoked reliably on demand.
 
     {"stage": "sft", "step": 6, "action": "oom|sigkill|crash|pause", "seconds": 30, "once_file": PATH}

@@ -42,8 +42,10 @@ def main(argv: list[str]) -> int:
     ctx = StageContext(spec=spec, config=config_from_snapshot(spec.config), events=EventWriter(Path(spec.events_path)))
     result_path = Path(spec.result_path)
     try:
+        _fault_at(spec.fault, "start")
         result = importlib.import_module(STAGES[spec.stage]).run(ctx)
         _tamper_output_if_asked(spec.fault, result.output_path)
+        _fault_at(spec.fault, "gate")
         gate = _run_gate(ctx, result)
     except Preempted as exc:
         write_json_atomic(result_path, {"ok": False, "kind": "preempted", "error": str(exc)})
@@ -76,6 +78,14 @@ def _run_gate(ctx: StageContext, result: Any) -> dict[str, Any] | None:
     gate_ctx.resources = GateResources(gate_ctx)
     outcome = evaluate(gate_ctx)
     return {"gate": outcome.gate, "checks": outcome.as_rows()}
+
+
+def _fault_at(fault: dict[str, Any], point: str) -> None:
+    """Test hook: TRAINPIPE_FAULT {"stage": "merge", "at": "start"|"gate", "action": "sigkill", ...}."""
+    if fault.get("at") == point:
+        from trainpipe.stages.training import inject_fault
+
+        inject_fault(fault)
 
 
 def _tamper_output_if_asked(fault: dict[str, Any], output_path: str) -> None:
