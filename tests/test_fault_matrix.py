@@ -34,7 +34,8 @@ STAGE_POINTS = [
     ("merge", {"at": "start"}), ("merge", {"at": "gate"}),
     ("dpo", {"at": "start"}), ("dpo", {"step": 3}), ("dpo", {"at": "gate"}),
 ]
-IN_CI = {"sft:validate", "merge:pass_gate", "dpo:checkpoint", "merge-gate"}
+# dpo:checkpoint is left to the full matrix: test_midstage_resume.py kills the orchestrator mid-DPO in CI.
+IN_CI = {"sft:validate", "merge:pass_gate", "merge-gate"}
 FULL = os.environ.get("TRAINPIPE_FULL_MATRIX") == "1"
 
 
