@@ -76,6 +76,13 @@ def _run_gate(ctx: StageContext, result: Any) -> dict[str, Any] | None:
     gate_ctx = GateContext(stage=ctx.spec.stage, output_path=result.output_path, metrics=result.metrics,
                            log_history=result.log_history, config=ctx.config, inputs=dict(ctx.spec.inputs))
     gate_ctx.resources = GateResources(gate_ctx)
+    # The trainer and its model are out of scope by now; free their memory before the gate loads one.
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
     outcome = evaluate(gate_ctx)
     return {"gate": outcome.gate, "checks": outcome.as_rows()}
 
