@@ -30,6 +30,7 @@ from trainpipe.errors import (
     IllegalTransition,
     RunOwned,
 )
+from trainpipe.faults import fire_once
 from trainpipe.paths import check_run_id, inside
 from trainpipe.stages import OUTPUT_DIRS
 from trainpipe.stages.base import StageSpec
@@ -130,12 +131,8 @@ def _fault_point(point: str, step: int | None = None) -> None:
     fault = json.loads(raw)
     if fault.get("at") != point or (step is not None and fault.get("step") != step):
         return
-    once = fault.get("once_file")
-    if once:
-        if Path(once).exists():
-            return
-        Path(once).write_text("fired\n")
-    os.kill(os.getpid(), signal.SIGKILL)
+    if fire_once(fault):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsm(kind: str, trigger: str):
@@ -253,9 +250,8 @@ def adopt_unrecorded_checkpoints(ledger: Ledger, run_id: str, stage: str, checkp
     adopted = []
     for path in sorted(checkpoint_root.glob("checkpoint-*"), key=lambda p: _checkpoint_step(p) or -1):
         step = _checkpoint_step(path)
-        if str(path) in known or step is None or checkpoints.verify(path) is not None:
-            continue
-        if checkpoints.manifest_step(path) != step:
+        complete = step is not None and checkpoints.verify(path) is None and checkpoints.manifest_step(path) == step
+        if str(path) in known or not complete:
             continue
         ledger.record_checkpoint(run_id, stage, attempts[-1]["id"], step, str(path),
                                  checkpoints.sha256_file(path / checkpoints.MANIFEST))

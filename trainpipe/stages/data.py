@@ -138,7 +138,7 @@ def to_hf_dataset(path: str | Path, kind: str, *, rows: list[dict[str, Any]] | N
     rows = load_rows(path) if rows is None else rows
     if kind == "sft" and "messages" in rows[0] and completion_only:
         # TRL computes the loss on `completion` only, whatever the model's chat template.
-        rows = [_as_prompt_completion(r["messages"]) for r in rows]
+        rows = [split_prompt_completion(r["messages"]) for r in rows]
     elif kind == "sft" and "messages" in rows[0]:
         # Keep only the keys TRL reads; extra per-row metadata would become columns of mixed types.
         rows = [{"messages": r["messages"]} for r in rows]
@@ -152,7 +152,7 @@ def to_hf_dataset(path: str | Path, kind: str, *, rows: list[dict[str, Any]] | N
     return Dataset.from_list(rows)
 
 
-def _as_prompt_completion(messages: list[dict[str, str]]) -> dict[str, Any]:
+def split_prompt_completion(messages: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
     """Everything before the last assistant turn is the prompt; that turn is the completion."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return {"prompt": messages[:last], "completion": [messages[last]]}

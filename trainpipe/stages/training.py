@@ -103,11 +103,10 @@ def inject_fault(fault: dict[str, Any]) -> None:
     With once_file, the fault fires only while that file does not exist (it is created on firing),
     so the retry or resume that follows runs clean.
     """
-    once = fault.get("once_file")
-    if once:
-        if Path(once).exists():
-            return
-        Path(once).write_text("fired\n")
+    from trainpipe.faults import fire_once
+
+    if not fire_once(fault):
+        return
     action = fault.get("action")
     if action == "pause":
         import time

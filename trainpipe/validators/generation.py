@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from trainpipe.paths import bundled_path
+from trainpipe.stages.data import split_prompt_completion
 from trainpipe.validators.gate import GateContext, Outcome
 
 SHOWN = 3  # failing examples quoted in a check's details
@@ -16,9 +17,8 @@ SHOWN = 3  # failing examples quoted in a check's details
 def _split(row: dict[str, Any]) -> tuple[list[dict[str, str]], str | None]:
     """A held-out row as (prompt conversation, reference answer or None)."""
     if "messages" in row:
-        messages = row["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        return messages[:last], messages[last]["content"]
+        split = split_prompt_completion(row["messages"])
+        return split["prompt"], split["completion"][0]["content"]
     prompt = row.get("prompt")
     conversation = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
     completion = row.get("completion")

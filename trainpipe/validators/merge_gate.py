@@ -3,6 +3,7 @@ size its parameter count and dtype imply, and carries a tokenizer with a chat te
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from trainpipe.validators.gate import GateContext, Outcome
@@ -30,20 +31,13 @@ def size_ok(ctx: GateContext) -> Outcome:
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
-                count += _numel(handle.get_slice(key).get_shape())
+                count += math.prod(handle.get_slice(key).get_shape())
     dtype = ctx.config.merge.dtype
     expected = count * DTYPE_BYTES[dtype]
     actual = sum(p.stat().st_size for p in files)
     ratio = actual / expected if expected else float("inf")
     return Outcome(0.9 <= ratio <= 1.1, value=actual, threshold=f"{expected} ± 10%",
                    details=f"{count} parameters x {DTYPE_BYTES[dtype]} bytes ({dtype}); on disk {ratio:.3f}x that")
-
-
-def _numel(shape: list[int]) -> int:
-    total = 1
-    for dim in shape:
-        total *= int(dim)
-    return total
 
 
 def tokenizer_ok(ctx: GateContext) -> Outcome:
@@ -60,14 +54,13 @@ def tokenizer_ok(ctx: GateContext) -> Outcome:
 
 
 def _equivalence_prompts(ctx: GateContext, count: int) -> list[list[dict[str, str]]]:
-    from trainpipe.stages.data import eval_rows, load_rows
+    from trainpipe.stages.data import eval_rows, load_rows, split_prompt_completion
 
     rows = eval_rows(ctx.config) or (load_rows(ctx.config.datasets.sft) if ctx.config.datasets.sft else [])
     prompts = []
     for row in rows[:count]:
         if "messages" in row:
-            last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-            prompts.append(row["messages"][:last])
+            prompts.append(split_prompt_completion(row["messages"])["prompt"])
         elif isinstance(row.get("prompt"), str):
             prompts.append([{"role": "user", "content": row["prompt"]}])
     return prompts or [SAMPLE_CONVERSATION]
