@@ -140,15 +140,20 @@ def _pretrain(model, tokenizer, texts: list[str]) -> None:
         torch.set_num_threads(threads)
 
 
-def ensure_tiny_model(name: str = BUILTIN_PREFIX + TINY_NAME) -> Path:
-    """Path to the built model directory, building it on first use (about a second)."""
+def tiny_model_dir(name: str = BUILTIN_PREFIX + TINY_NAME) -> Path:
+    """Where the built model lives (built or not); ConfigError for an unknown built-in name."""
     short = name.removeprefix(BUILTIN_PREFIX)
     if short != TINY_NAME:
         from trainpipe.errors import ConfigError
 
         raise ConfigError(f"unknown built-in model '{name}'; the one built-in is '{BUILTIN_PREFIX}{TINY_NAME}'")
+    return cache_dir() / "models" / f"{TINY_NAME}-{_fingerprint(_corpus())}"
+
+
+def ensure_tiny_model(name: str = BUILTIN_PREFIX + TINY_NAME) -> Path:
+    """Path to the built model directory, building it on first use (about a second)."""
+    target = tiny_model_dir(name)
     texts = _corpus()
-    target = cache_dir() / "models" / f"{TINY_NAME}-{_fingerprint(texts)}"
     if (target / "model.safetensors").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
