@@ -295,9 +295,11 @@ def test_upload_needs_a_repo_id_and_a_token(ledger_path: Path, tmp_path: Path) -
 def test_every_preflight_problem_is_listed(ledger_path: Path, tmp_path: Path) -> None:
     a_file = tmp_path / "f"
     a_file.write_text("x")
+    before = rows(ledger_path)
     proc = cli("run", str(QUICKSTART), *sets(f"output_dir={a_file}/out", f"base_model={tmp_path / 'nope'}"))
     assert_clean(proc, 2, "2 problems stop this run:", f"output_dir '{a_file}/out'",
                  f"base_model '{tmp_path / 'nope'}': no such directory")
+    assert rows(ledger_path) == before
 
 
 # ------------------------------------------------------------------ failures inside a stage

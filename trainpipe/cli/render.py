@@ -206,7 +206,8 @@ class Renderer:
             self.out.print(f"[green]final model:[/] {result.final_model_path}", soft_wrap=True)
         elif result.state == "failed" and result.error_kind == "user":
             self.out.print("The input is at fault, so it was not retried. Fix it, then: "
-                           f"[bold]trainpipe resume {result.run_id}[/]", soft_wrap=True)
+                           f"[bold]trainpipe resume {result.run_id}[/] (a fix in the config needs a new "
+                           "`trainpipe run`: a run keeps the config it started with)", soft_wrap=True)
         elif result.state == "failed" and result.error_kind == "bug":
             self.out.print(f"Not retried: this looks like a bug; the traceback is in "
                            f"[bold]trainpipe inspect {result.run_id}[/]. Resume with: "
