@@ -14,6 +14,8 @@ import errno
 import re
 from dataclasses import dataclass
 
+from trainpipe.errors import TrainpipeError
+
 USER, TRANSIENT, BUG = "user", "transient", "bug"
 
 # How a stage process ended when there is no exception to look at (see engine/supervisor.py).
@@ -44,9 +46,9 @@ _ERRNOS = [
 _MESSAGES = [
     ("oom", r"out of memory"),
     # transformers, model not in the cache and not downloadable; a retry will not make it appear
-    ("user", r"couldn't connect to .* (to load|couldn't find)|is not a local folder and is not a valid model"
+    ("user", r"we couldn't connect to|is not a local folder and is not a valid model"
              r"|does not appear to have (a file|files) named|can't load (the )?(tokenizer|config)"
-             r"|incorrect path_or_model_id|repository not found|we couldn't connect"),
+             r"|incorrect path_or_model_id|repository not found"),
     # a config that does not fit the model or the checkpoint
     ("user", r"size mismatch for|target modules? .* not found|error\(s\) in loading state_dict"
              r"|error while deserializing header|no such file or directory|permission denied"),
@@ -102,8 +104,6 @@ def retryable(kind: str | None) -> bool:
 
 def describe(exc: BaseException) -> str:
     """One line for the ledger and the terminal: our own errors by their message, others by type."""
-    message = getattr(exc, "message", None)
-    if isinstance(message, str):
-        hint = getattr(exc, "hint", None)
-        return f"{message} ({hint})" if hint else message
+    if isinstance(exc, TrainpipeError):
+        return f"{exc.message} ({exc.hint})" if exc.hint else exc.message
     return f"{type(exc).__name__}: {exc}"

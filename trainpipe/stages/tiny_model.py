@@ -153,9 +153,9 @@ def tiny_model_dir(name: str = BUILTIN_PREFIX + TINY_NAME) -> Path:
 def ensure_tiny_model(name: str = BUILTIN_PREFIX + TINY_NAME) -> Path:
     """Path to the built model directory, building it on first use (about a second)."""
     target = tiny_model_dir(name)
-    texts = _corpus()
     if (target / "model.safetensors").is_file():
         return target
+    texts = _corpus()
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build aside and rename, so a killed build never leaves a half model that looks cached.
     staging = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}-", dir=target.parent))

@@ -34,6 +34,7 @@ def main(argv: list[str]) -> int:
     spec = StageSpec.load(Path(argv[1]))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from trainpipe.config import config_from_snapshot
+    from trainpipe.errors import TrainpipeError
     from trainpipe.failures import USER, classify, describe
     from trainpipe.stages.training import Preempted, install_preemption_handler
 
@@ -53,7 +54,7 @@ def main(argv: list[str]) -> int:
     except BaseException as exc:  # noqa: BLE001 - classified here, decided on by the orchestrator
         failure = classify(exc)
         error = describe(exc)
-        if failure.kind == USER and not hasattr(exc, "message"):
+        if failure.kind == USER and not isinstance(exc, TrainpipeError):
             # Library errors rarely say which model or file they were loading; the inputs do.
             error += " (stage inputs: " + ", ".join(f"{k}={v}" for k, v in spec.inputs.items() if v) + ")"
         write_json_atomic(result_path, {"ok": False, "kind": failure.cause, "error_kind": failure.kind,
