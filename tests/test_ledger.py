@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from trainpipe.engine.machine import next_state
 from trainpipe.errors import IllegalTransition, RunNotFound
-from trainpipe.store.ledger import HOST, Ledger, StaleState
+from trainpipe.store.ledger import HOST, MIGRATIONS, Ledger, StaleState
 
 STAGES = ("sft", "merge", "dpo")
 
@@ -111,7 +111,30 @@ def test_migrations_rerun_safely(db_url: str) -> None:
     finally:
         second.close()
         third.close()
-    assert raw_rows(db_url, "SELECT name FROM schema_migrations") == [("0001_initial",)]
+    assert raw_rows(db_url, "SELECT name FROM schema_migrations ORDER BY name") == [(n,) for n, _ in MIGRATIONS]
+
+
+def test_migration_0002_upgrades_a_0001_ledger_in_place(db_url: str) -> None:
+    """A ledger written before error kinds existed gains the columns and keeps its rows."""
+    ledger = Ledger(db_url)
+    make_run(ledger)
+    ledger.close()
+    conn = sqlite3.connect(db_file(db_url))
+    for table in ("runs", "stage_attempts"):
+        for column in ("error_kind", "error_traceback"):
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    conn.execute("DELETE FROM schema_migrations WHERE name = '0002_error_kinds'")
+    conn.commit()
+    conn.close()
+
+    upgraded = Ledger(db_url)
+    try:
+        assert upgraded.get_run("run-1")["error_kind"] is None
+        upgraded.update_run("run-1", error_kind="user")
+        assert upgraded.get_run("run-1")["error_kind"] == "user"
+    finally:
+        upgraded.close()
+    assert ("0002_error_kinds",) in raw_rows(db_url, "SELECT name FROM schema_migrations")
 
 
 def test_schema_has_the_ledger_tables(ledger: Ledger, db_url: str) -> None:

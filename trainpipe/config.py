@@ -461,6 +461,24 @@ def load_config(
     return config
 
 
+def ineffective_overrides(config: PipelineConfig, overrides: list[str]) -> list[str]:
+    """Notes for `--set`s under a stage this run skips. They were validated like any other key (a typo
+    or a bad value is still an error), but would change nothing: say so rather than let the user
+    think a disabled stage was tuned."""
+    notes = []
+    for text in overrides:
+        parts, _ = _parse_override(text)
+        stage = None
+        if parts[0] in STAGE_SETTINGS:
+            stage = parts[0]
+        elif parts[0] == "stages" and len(parts) > 2 and parts[2] != "enabled":
+            stage = parts[1] if parts[1] in STAGE_ORDER else next(
+                (s.name for i, s in enumerate(config.stages) if str(i) == parts[1]), None)
+        if stage is not None and not config.enabled(stage):
+            notes.append(f"--set {text} has no effect: stage '{stage}' is disabled in this run")
+    return notes
+
+
 def config_from_snapshot(snapshot: dict[str, Any]) -> PipelineConfig:
     """Rebuild a config from the ledger's snapshot (already resolved and absolute)."""
     return PipelineConfig.model_validate(snapshot)

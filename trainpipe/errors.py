@@ -38,3 +38,11 @@ class IllegalTransition(TrainpipeError):
 
 class RunOwned(TrainpipeError):
     """Another live process owns the run."""
+
+
+class LedgerError(TrainpipeError):
+    """The ledger cannot be opened, is not ours, is from a newer trainpipe, or cannot be written."""
+
+
+class PreflightError(TrainpipeError):
+    """A run cannot start: output dir, ledger, base model or Hub settings. Raised before any write."""

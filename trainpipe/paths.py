@@ -43,3 +43,34 @@ def inside(base: str | os.PathLike[str], *parts: str) -> Path:
     if path != root and root not in path.parents:
         raise TrainpipeError(f"path '{Path(*parts)}' escapes the output dir {root}")
     return path
+
+
+def dir_problem(path: str | os.PathLike[str], *, create: bool = False) -> str | None:
+    """Why a directory cannot be used at `path` (made if missing, then written in), or None.
+
+    With `create=False` nothing is left behind: the probe is an empty directory made and removed in
+    the nearest existing ancestor, which is exactly what `mkdir -p` and the first write would need.
+    `os.access` is not enough: root passes it on /proc, and it says nothing about a full disk.
+    """
+    import tempfile
+
+    target = Path(path)
+    existing = target
+    try:
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as exc:
+        return f"cannot look into {existing} ({exc.strerror})"
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if create:
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"cannot create {target} ({exc.strerror})"
+        existing = target
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".trainpipe-probe-", dir=existing))
+    except OSError as exc:
+        return f"cannot write in {existing} ({exc.strerror})"
+    return None

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from trainpipe.errors import EXIT_INTERRUPTED, TrainpipeError
+from trainpipe.errors import EXIT_INTERRUPTED, EXIT_STAGE_FAILED, TrainpipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproducible, resumable SFT -> merge -> DPO pipelines with validation gates.")
@@ -17,6 +17,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 DbOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the ledger [env: TRAINPIPE_DB].",
                                                envvar="TRAINPIPE_DB", show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+# What the last-resort handler in main() can tell about the run it was driving.
+_session: dict[str, str | None] = {"run_id": None}
 
 
 def _ledger(db: str | None):
@@ -42,6 +45,7 @@ def _drive(call, renderer, db: str | None) -> None:
         result = call(ledger, observer)
     finally:
         observer.close()
+        _session["run_id"] = observer.run_id
     renderer.run_summary(result, run_report(ledger, result.run_id))
     raise typer.Exit(result.exit_code)
 
@@ -118,9 +122,41 @@ def demo(
            _renderer(json_output), db)
 
 
+def _crash_report(exc: BaseException) -> int:
+    """Last resort for an exception nobody expected (a bug): one screen on stderr, the whole traceback
+    in a log file. Plain writes, no rich: this must work whatever else is broken."""
+    import tempfile
+    import time
+    import traceback
+
+    from trainpipe.paths import home_dir
+
+    text = (f"trainpipe {' '.join(sys.argv[1:])}\nrun: {_session['run_id'] or '-'}\n"
+            f"python {sys.version.split()[0]}\n\n" + "".join(traceback.format_exception(exc)))
+    log_path = None
+    for folder in (home_dir() / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            candidate = folder / f"trainpipe-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            candidate.write_text(text, encoding="utf-8")
+            log_path = candidate
+            break
+        except OSError:
+            continue
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    lines = [f"error: unexpected {type(exc).__name__}: {first}"]
+    if _session["run_id"]:
+        lines.append(f"run: {_session['run_id']} (`trainpipe inspect {_session['run_id']}` shows what the ledger "
+                     "recorded)")
+    lines.append(f"full traceback: {log_path}" if log_path else "the traceback could not be written to a log file")
+    lines.append("This is a bug in trainpipe, not in your input: please report it with that file.")
+    sys.stderr.write("\n".join(lines) + "\n")
+    return EXIT_STAGE_FAILED
+
+
 def main() -> None:
-    # Click's standalone mode handles usage errors (exit 2) and typer.Exit; only our own errors
-    # escape it, and they become one message and their exit code, never a traceback.
+    # Click's standalone mode handles usage errors (exit 2) and typer.Exit; our own errors become one
+    # message and their exit code, and anything else one screen and exit 1: never a traceback.
     try:
         app()
     except TrainpipeError as exc:
@@ -128,6 +164,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - the last resort; the traceback goes to a file
+        sys.exit(_crash_report(exc))
 
 
 if __name__ == "__main__":

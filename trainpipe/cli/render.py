@@ -20,6 +20,7 @@ STATE_STYLE = {"succeeded": "green", "passed": "green", "running": "cyan", "vali
 
 
 PLAIN_TABLE_ROWS = 200
+KIND_LABEL = {"user": "input error", "transient": "transient error", "bug": "bug"}  # trainpipe/failures.py
 
 
 def _when(ts: float | None) -> str:
@@ -35,6 +36,11 @@ def _duration(seconds: float | None) -> str:
 
 def _state(state: str) -> str:
     return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+def _first_line(text: str | None, width: int = 200) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def _short(value: Any) -> str:
@@ -82,9 +88,23 @@ class Renderer:
                 table.add_row(*cell[:2], _state(cell[2]), *cell[3:])
             self.out.print(table)
         for row in rows:
-            if row["state"] in ("interrupted", "failed"):
-                self.out.print(f"[yellow]{row['run_id']}[/] is {row['state']}: resume with "
-                               f"[bold]trainpipe resume {row['run_id']}[/]", soft_wrap=True)
+            run_id = row["run_id"]
+            if row["state"] == "interrupted":
+                self.out.print(f"[yellow]{run_id}[/] is interrupted: resume with [bold]trainpipe resume {run_id}[/]",
+                               soft_wrap=True)
+            elif row["state"] == "failed":
+                kind = row.get("error_kind")
+                label = f" ({KIND_LABEL.get(kind, kind)})" if kind else ""
+                reason = escape(_first_line(row.get("error")) or "no reason recorded")
+                if kind == "bug":
+                    advice = f"the traceback is in [bold]trainpipe inspect {run_id}[/]"
+                elif row["current_stage"] is None:
+                    advice = "no stage ran: fix it and start a new run with [bold]trainpipe run[/]"
+                elif kind == "user":
+                    advice = f"fix it, then [bold]trainpipe resume {run_id}[/]"
+                else:
+                    advice = f"resume with [bold]trainpipe resume {run_id}[/]"
+                self.out.print(f"[red]{run_id}[/] failed{label}: {reason}; {advice}", soft_wrap=True)
 
     def _plain_table(self, headers: tuple[str, ...], cells: list[tuple[str, ...]]) -> None:
         # rich measures every cell of every row; at 10,000 runs that alone takes ~15 s.
@@ -104,7 +124,11 @@ class Renderer:
         self.out.print(f"run dir: {report['run_dir']}")
         self.out.print(f"final model: {report['final_model_path'] or '-'}")
         if report["error"]:
-            self.out.print(f"[red]error:[/] {report['error']}")
+            kind = f" ({report['error_kind']})" if report.get("error_kind") else ""
+            self.out.print(f"[red]error{kind}:[/] {escape(report['error'])}", soft_wrap=True)
+        if report.get("traceback"):
+            self.out.rule("traceback (a bug in trainpipe: please report it)")
+            self.out.print(report["traceback"].rstrip(), markup=False, soft_wrap=True)
         self.out.rule("config snapshot")
         self.out.print(yaml.safe_dump(report["config"], sort_keys=False).rstrip(), markup=False)
         for stage in report["stages"]:
@@ -114,9 +138,13 @@ class Renderer:
             for attempt in stage["attempt_history"]:
                 extra = f", resumed from {attempt['resumed_from']}" if attempt["resumed_from"] else ""
                 extra += f", overrides {attempt['overrides']}" if attempt["overrides"] else ""
-                extra += f", error: {attempt['error']}" if attempt["error"] else ""
+                kind = f" ({attempt['error_kind']})" if attempt.get("error_kind") else ""
+                extra += f", error{kind}: {attempt['error']}" if attempt["error"] else ""
                 self.out.print(f"  attempt {attempt['attempt']}: {attempt['outcome']} in "
-                               f"{attempt['duration_s']:.1f} s{extra}", markup=False)
+                               f"{attempt['duration_s']:.1f} s{extra}", markup=False, soft_wrap=True)
+                if attempt.get("traceback"):
+                    self.out.print("    " + attempt["traceback"].rstrip().replace("\n", "\n    "), markup=False,
+                                   soft_wrap=True)
             metrics = {k: v for k, v in stage["metrics"].items() if not isinstance(v, (dict, list))}
             if metrics:
                 self.out.print("  metrics: " + ", ".join(f"{k}={_short(v)}" for k, v in metrics.items()),
@@ -152,7 +180,8 @@ class Renderer:
     def run_summary(self, result: RunResult, report: dict[str, Any]) -> None:
         if self.json_mode:
             return self.print_json({"run_id": result.run_id, "state": result.state, "exit_code": result.exit_code,
-                                    "final_model_path": result.final_model_path, "errors": result.errors})
+                                    "final_model_path": result.final_model_path, "errors": result.errors,
+                                    "error_kind": result.error_kind})
         table = Table(title=f"run {result.run_id}: {result.state}")
         for column in ("stage", "state", "attempts", "time", "result", "gate"):
             table.add_column(column)
@@ -170,10 +199,19 @@ class Renderer:
             gate = result.rejected_gate
             self._gate_table(gate.gate, gate.as_rows(), False, only_failed=True)
             self.out.print("Fix the cause above (or adjust the thresholds under `validation:`) and start a new run.")
+        kind = f" ({result.error_kind})" if result.error_kind else ""
         for error in result.errors:
-            self.out.print(f"[red]error:[/] {error}", soft_wrap=True)
+            self.out.print(f"[red]error{kind}:[/] {escape(error)}", soft_wrap=True)
         if result.state == "succeeded":
             self.out.print(f"[green]final model:[/] {result.final_model_path}", soft_wrap=True)
+        elif result.state == "failed" and result.error_kind == "user":
+            self.out.print("The input is at fault, so it was not retried. Fix it, then: "
+                           f"[bold]trainpipe resume {result.run_id}[/] (a fix in the config needs a new "
+                           "`trainpipe run`: a run keeps the config it started with)", soft_wrap=True)
+        elif result.state == "failed" and result.error_kind == "bug":
+            self.out.print(f"Not retried: this looks like a bug; the traceback is in "
+                           f"[bold]trainpipe inspect {result.run_id}[/]. Resume with: "
+                           f"[bold]trainpipe resume {result.run_id}[/]", soft_wrap=True)
         elif result.state in ("interrupted", "failed"):
             self.out.print(f"resume with: [bold]trainpipe resume {result.run_id}[/]", soft_wrap=True)
 
@@ -189,8 +227,10 @@ class ProgressObserver(Observer):
                                  console=self.console, transient=False)
         self.tasks: dict[str, Any] = {}
         self.started = False
+        self.run_id: str | None = None
 
     def run_created(self, run_id: str, run_dir: str) -> None:
+        self.run_id = run_id
         if self.renderer.json_mode:
             self.console.print(f"run id: {run_id}")
         else:
@@ -228,11 +268,11 @@ class ProgressObserver(Observer):
             self._ensure_started()
             self.progress.console.print(f"{stage}: skipped (disabled)")
         if error:
-            self.progress.console.print(f"[red]{stage}: {error}[/]", soft_wrap=True)
+            self.progress.console.print(f"[red]{stage}: {escape(error)}[/]", soft_wrap=True)
 
     def note(self, text: str) -> None:
         self._ensure_started()
-        self.progress.console.print(f"[yellow]{text}[/]", soft_wrap=True)
+        self.progress.console.print(f"[yellow]{escape(text)}[/]", soft_wrap=True)
 
     def close(self) -> None:
         if self.started:

@@ -30,6 +30,8 @@ def status_rows(ledger: Ledger, *, show_all: bool = False, limit: int = 20) -> l
             "started_at": run["created_at"],
             "duration_s": round(end - run["created_at"], 1),
             "owner": f"pid {run['owner_pid']} on {run['owner_host']}" if run["owner_pid"] else None,
+            "error": run["error"],
+            "error_kind": run["error_kind"],
         })
     return rows
 
@@ -55,7 +57,8 @@ def run_report(ledger: Ledger, run_id: str) -> dict[str, Any]:
                 "attempt": a["attempt"], "outcome": a["outcome"], "started_at": a["started_at"],
                 "finished_at": a["finished_at"],
                 "duration_s": round((a["finished_at"] or time.time()) - a["started_at"], 2),
-                "exit_code": a["exit_code"], "error": a["error"], "resumed_from": a["resumed_from"],
+                "exit_code": a["exit_code"], "error": a["error"], "error_kind": a["error_kind"],
+                "traceback": a["error_traceback"], "resumed_from": a["resumed_from"],
                 "overrides": a["overrides"] or {},
             } for a in mine],
             "checkpoints": [{"step": c["step"], "path": c["path"], "attempt_id": c["attempt_id"]}
@@ -75,6 +78,8 @@ def run_report(ledger: Ledger, run_id: str) -> dict[str, Any]:
         "run_dir": run["run_dir"],
         "final_model_path": run["final_model_path"],
         "error": run["error"],
+        "error_kind": run["error_kind"],
+        "traceback": run["error_traceback"],
         "owner": {"pid": run["owner_pid"], "host": run["owner_host"], "heartbeat_at": run["heartbeat_at"]},
         "config": run["config_snapshot"],
         "stages": stages,

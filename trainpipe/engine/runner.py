@@ -12,13 +12,14 @@ import secrets
 import shutil
 import signal
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from trainpipe import checkpoints
-from trainpipe.config import STAGE_ORDER, PipelineConfig, config_from_snapshot, load_config
-from trainpipe.engine import liveness
+from trainpipe import checkpoints, failures
+from trainpipe.config import STAGE_ORDER, PipelineConfig, config_from_snapshot, ineffective_overrides, load_config
+from trainpipe.engine import liveness, preflight
 from trainpipe.engine.exports import write_exports
 from trainpipe.engine.machine import RUN_RESUMABLE, STAGE_DONE, RunState, next_state
 from trainpipe.engine.supervisor import ChildOutcome, run_child
@@ -27,6 +28,7 @@ from trainpipe.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_STAGE_FAILED,
+    EXIT_USAGE,
     IllegalTransition,
     RunOwned,
 )
@@ -39,7 +41,6 @@ from trainpipe.store.ledger import Ledger, StaleState
 from trainpipe.validators.gate import GateOutcome
 
 RETRY_BACKOFF_S = float(os.environ.get("TRAINPIPE_RETRY_BACKOFF_S", "5"))
-RETRYABLE = {"error", "oom", "killed", "timed_out"}
 
 
 class Observer:
@@ -62,6 +63,14 @@ class RunResult:
     final_model_path: str | None
     errors: list[str] = field(default_factory=list)
     rejected_gate: GateOutcome | None = None
+    error_kind: str | None = None  # user, transient or bug when the run failed (trainpipe/failures.py)
+
+
+class StageEnd(NamedTuple):
+    state: str
+    error: str | None = None
+    gate: GateOutcome | None = None
+    error_kind: str | None = None
 
 
 def new_run_id(pipeline_id: str) -> str:
@@ -75,16 +84,18 @@ def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = Non
     config = load_config(config_path, overrides=overrides, sft_dataset=sft_dataset,
                          preference_dataset=preference_dataset)
     validate_inputs(config)
+    preflight.check(config, ledger)
     run_id = check_run_id(run_id or new_run_id(config.pipeline_id))
     run_dir = inside(config.output_dir, run_id)
+    observer = observer or Observer()
+    for note in ineffective_overrides(config, overrides or []):
+        observer.note(note)
     ledger.create_run(run_id=run_id, pipeline_id=config.pipeline_id, config_snapshot=config.model_dump(mode="json"),
                       config_path=str(Path(config_path).resolve()), output_dir=config.output_dir,
                       run_dir=str(run_dir), stages=[name for name in STAGE_ORDER])
-    observer = observer or Observer()
     observer.run_created(run_id, str(run_dir))
     ledger.transition_run(run_id, "start", _fsm("run", "start"), set_owner=True)
-    _fault_point("run:start")
-    return _drive(ledger, run_id, observer)
+    return _drive(ledger, run_id, observer, fault_point="run:start")
 
 
 def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None) -> RunResult:
@@ -97,10 +108,12 @@ def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None) -> 
     if state not in RUN_RESUMABLE:
         raise IllegalTransition(f"run {run_id} is {state}; only interrupted or failed runs can be resumed",
                                 hint="start a new run with `trainpipe run`")
+    config = config_from_snapshot(run["config_snapshot"])
+    preflight.check(config, ledger, needs_base_model=_needs_base_model(ledger, run_id, config))
     # The compare-and-set makes the claim exclusive: of two concurrent resumes, one loses here.
     try:
         ledger.transition_run(run_id, "resume", _fsm("run", "resume"), expect_state=state, set_owner=True,
-                              detail={"from": state}, error=None)
+                              detail={"from": state}, error=None, error_kind=None, error_traceback=None)
     except StaleState:
         fresh = ledger.get_run(run_id)
         raise RunOwned(f"run {run_id} is owned by pid {fresh['owner_pid']} on host {fresh['owner_host']}") from None
@@ -119,12 +132,20 @@ def validate_inputs(config: PipelineConfig) -> None:
         validate_jsonl(config.datasets.eval, "eval")
 
 
+def _needs_base_model(ledger: Ledger, run_id: str, config: PipelineConfig) -> bool:
+    """Whether a stage still to run loads the base model (a resume after SFT and merge passed does not)."""
+    return any(config.enabled(s["name"])
+               and config.base_model in _stage_inputs(ledger, run_id, config, s["name"]).values()
+               for s in ledger.stages(run_id) if s["state"] not in STAGE_DONE)
+
+
 def _fault_point(point: str, step: int | None = None) -> None:
     """Test hook (TRAINPIPE_FAULT {"action": "kill_orchestrator", "at": "sft:validate", ...}): SIGKILL
     this process right after the named ledger write, to prove a resume recovers from that moment.
-    Points: run:start, <stage>:start|validate|pass_gate, <stage>:checkpoint (with "step")."""
+    Points: run:start, <stage>:start|validate|pass_gate, <stage>:checkpoint (with "step").
+    "crash_orchestrator" raises there instead: an orchestrator bug, for the CLI's last-resort handler."""
     raw = os.environ.get("TRAINPIPE_FAULT")
-    if not raw or '"kill_orchestrator"' not in raw:
+    if not raw or '_orchestrator"' not in raw:
         return
     import json
 
@@ -132,6 +153,8 @@ def _fault_point(point: str, step: int | None = None) -> None:
     if fault.get("at") != point or (step is not None and fault.get("step") != step):
         return
     if fire_once(fault):
+        if fault.get("action") == "crash_orchestrator":
+            raise RuntimeError(f"injected orchestrator crash at {point} (TRAINPIPE_FAULT)")
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -162,14 +185,16 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _drive(ledger: Ledger, run_id: str, observer: Observer) -> RunResult:
+def _drive(ledger: Ledger, run_id: str, observer: Observer, fault_point: str | None = None) -> RunResult:
     run = ledger.get_run(run_id)
     config = config_from_snapshot(run["config_snapshot"])
     run_dir = Path(run["run_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
     errors: list[str] = []
     with _StopFlag() as stop:
         try:
+            if fault_point:
+                _fault_point(fault_point)
+            run_dir.mkdir(parents=True, exist_ok=True)
             for stage_row in ledger.stages(run_id):
                 name = stage_row["name"]
                 if stage_row["state"] in STAGE_DONE:
@@ -181,35 +206,48 @@ def _drive(ledger: Ledger, run_id: str, observer: Observer) -> RunResult:
                                             detail={"reason": "disabled in config"})
                     observer.stage_finished(name, "skipped", {}, None, None)
                     continue
-                state, error, gate = _run_stage(ledger, run_id, config, run_dir, name, observer, stop)
-                if error:
-                    errors.append(f"{name}: {error}")
-                if state == "interrupted":
+                end = _run_stage(ledger, run_id, config, run_dir, name, observer, stop)
+                if end.error:
+                    errors.append(f"{name}: {end.error}")
+                if end.state == "interrupted":
                     return _finish(ledger, run_id, "interrupt", EXIT_INTERRUPTED, errors, observer)
-                if state == "rejected":
-                    return _finish(ledger, run_id, "reject", EXIT_GATE_REJECTED, errors, observer, gate)
-                if state == "failed":
-                    return _finish(ledger, run_id, "fail", EXIT_STAGE_FAILED, errors, observer)
+                if end.state == "rejected":
+                    return _finish(ledger, run_id, "reject", EXIT_GATE_REJECTED, errors, observer, end.gate)
+                if end.state == "failed":
+                    code = EXIT_USAGE if end.error_kind == failures.USER else EXIT_STAGE_FAILED
+                    return _finish(ledger, run_id, "fail", code, errors, observer, error_kind=end.error_kind)
             return _finish(ledger, run_id, "succeed", EXIT_OK, errors, observer)
         except BaseException as exc:
-            # An orchestrator bug must not leave the run `running` behind a live-looking owner.
+            # An orchestrator failure must not leave the run `running` behind a live-looking owner,
+            # to be shown later as `interrupted` as if it had been killed: it is `failed`, with why.
             # If the run already left `running`, keep that state and let the original error surface.
+            failure = failures.classify(exc) if isinstance(exc, Exception) else None
+            kind = failure.kind if failure else None
+            message = failures.describe(exc)
             try:
                 ledger.transition_run(run_id, "fail", _fsm("run", "fail"), clear_owner=True, expect_state="running",
-                                      detail={"error": f"{type(exc).__name__}: {exc}"}, error=str(exc))
+                                      detail={"error": message, "kind": kind}, error=message, error_kind=kind,
+                                      error_traceback=traceback.format_exc() if kind == failures.BUG else None)
+                recorded = True
             except StaleState:
-                pass
-            raise
+                recorded = False
+            if not recorded or kind != failures.USER:
+                raise
+            # A bad path or permission found here (the run dir, an export) is the user's to fix: one
+            # message and exit 2, like the same problem found by the preflight.
+            observer.note(f"run failed: {message}")
+            errors.append(message)
+            return RunResult(run_id, "failed", EXIT_USAGE, str(run_dir), None, errors, error_kind=kind)
 
 
 def _finish(ledger: Ledger, run_id: str, trigger: str, exit_code: int, errors: list[str], observer: Observer,
-            gate: GateOutcome | None = None) -> RunResult:
+            gate: GateOutcome | None = None, error_kind: str | None = None) -> RunResult:
     state = ledger.transition_run(run_id, trigger, _fsm("run", trigger), clear_owner=True,
                                   detail={"errors": errors} if errors else {},
-                                  error="; ".join(errors) if errors else None)
+                                  error="; ".join(errors) if errors else None, error_kind=error_kind)
     run = ledger.get_run(run_id)
     write_exports(ledger, run_id)
-    return RunResult(run_id, state, exit_code, run["run_dir"], run["final_model_path"], errors, gate)
+    return RunResult(run_id, state, exit_code, run["run_dir"], run["final_model_path"], errors, gate, error_kind)
 
 
 def _stage_inputs(ledger: Ledger, run_id: str, config: PipelineConfig, name: str) -> dict[str, str | None]:
@@ -284,7 +322,7 @@ def _oom_overrides(config: PipelineConfig, name: str, previous: dict[str, Any]) 
 
 
 def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Path, name: str,
-               observer: Observer, stop: _StopFlag) -> tuple[str, str | None, GateOutcome | None]:
+               observer: Observer, stop: _StopFlag) -> StageEnd:
     entry = config.stage(name)
     work_dir = inside(run_dir, ".work", name)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -336,21 +374,28 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
             return _validate(ledger, run_id, config, name, attempt_id, outcome, observer, work_dir)
 
         attempt_outcome = {"timed_out": "timed_out", "interrupted": "interrupted"}.get(outcome.kind, "failed")
-        ledger.close_attempt(attempt_id, attempt_outcome, exit_code=outcome.exit_code, error=outcome.error)
+        ledger.close_attempt(attempt_id, attempt_outcome, exit_code=outcome.exit_code, error=outcome.error,
+                             error_kind=outcome.error_kind,
+                             error_traceback=outcome.traceback if outcome.error_kind == failures.BUG else None)
         ledger.transition_stage(run_id, name, "fail", _fsm("stage", "fail"),
-                                detail={"kind": outcome.kind, "error": outcome.error, "exit_code": outcome.exit_code})
+                                detail={"kind": outcome.kind, "error_kind": outcome.error_kind,
+                                        "error": outcome.error, "exit_code": outcome.exit_code})
         observer.stage_finished(name, "failed", {}, None, outcome.error)
         if outcome.kind == "interrupted" or stop.requested:
-            return "interrupted", outcome.error, None
-        last_attempt = attempt_index == entry.retry_count
-        if outcome.kind not in RETRYABLE or last_attempt:
-            return "failed", outcome.error, None
+            return StageEnd("interrupted", outcome.error)
+        if not failures.retryable(outcome.error_kind):
+            if entry.retry_count > attempt_index:
+                what = "an input error" if outcome.error_kind == failures.USER else "a bug"
+                observer.note(f"{name}: not retried: {what} fails the same way on every attempt")
+            return StageEnd("failed", outcome.error, None, outcome.error_kind)
+        if attempt_index == entry.retry_count:
+            return StageEnd("failed", outcome.error, None, outcome.error_kind)
         if outcome.kind == "oom":
             overrides = _oom_overrides(config, name, overrides)
         delay = RETRY_BACKOFF_S * (2 ** attempt_index)
         observer.note(f"{name}: attempt {attempt_no} {outcome.kind} ({outcome.error}); retrying in {delay:g} s")
         time.sleep(delay)
-    return "failed", "no attempts left", None
+    return StageEnd("failed", "no attempts left", None, failures.TRANSIENT)
 
 
 def _record_output(ledger: Ledger, run_id: str, name: str, attempt_id: int, result: dict[str, Any]) -> None:
@@ -363,7 +408,7 @@ def _record_output(ledger: Ledger, run_id: str, name: str, attempt_id: int, resu
 
 
 def _validate(ledger: Ledger, run_id: str, config: PipelineConfig, name: str, attempt_id: int,
-              outcome: ChildOutcome, observer: Observer, work_dir: Path) -> tuple[str, str | None, GateOutcome | None]:
+              outcome: ChildOutcome, observer: Observer, work_dir: Path) -> StageEnd:
     result = outcome.result
     metrics = result.get("metrics", {})
     attempt_metrics = {**metrics, "final_model_path": result.get("final_model_path")}
@@ -377,7 +422,7 @@ def _validate(ledger: Ledger, run_id: str, config: PipelineConfig, name: str, at
         ledger.close_attempt(attempt_id, "rejected", exit_code=outcome.exit_code, metrics=attempt_metrics)
         ledger.transition_stage(run_id, name, "reject", _fsm("stage", "reject"), detail={"failed_checks": failed})
         observer.stage_finished(name, "rejected", metrics, gate, f"gate {gate.gate} failed: {failed}")
-        return "rejected", f"gate {gate.gate} failed: {failed}", gate
+        return StageEnd("rejected", f"gate {gate.gate} failed: {failed}", gate)
     files = checkpoints.hash_tree(Path(result["output_path"]))
     ledger.record_artifacts(run_id, name, [(str(Path(result["output_path"]) / rel), size, digest)
                                            for rel, size, digest in files])
@@ -389,7 +434,7 @@ def _validate(ledger: Ledger, run_id: str, config: PipelineConfig, name: str, at
     if not config.save_intermediate:
         shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
     observer.stage_finished(name, "passed", metrics, gate, None)
-    return "passed", None, gate
+    return StageEnd("passed", None, gate)
 
 
 def _metric_rows(history: list[dict[str, Any]]) -> list[tuple[int, str, Any]]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainpipe.failures import kind_of
+
 POLL_S = 0.2
 HEARTBEAT_S = 2.0
 TERM_GRACE_S = float(os.environ.get("TRAINPIPE_TERM_GRACE_S", "30"))
@@ -22,10 +24,22 @@ TERM_GRACE_S = float(os.environ.get("TRAINPIPE_TERM_GRACE_S", "30"))
 @dataclass
 class ChildOutcome:
     ok: bool
-    kind: str                  # ok, error, oom, user, preempted, timed_out, killed, interrupted
+    kind: str                  # how it ended: ok, interrupted, timed_out, killed, no_result, or the worker's
+                               # cause (oom, io, user, bug; trainpipe/failures.py)
     exit_code: int | None
     error: str | None = None
     result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def error_kind(self) -> str | None:
+        """user, transient or bug; None for a success or a stop on request."""
+        if self.ok or self.kind == "interrupted":
+            return None
+        return self.result.get("error_kind") or kind_of(self.kind)
+
+    @property
+    def traceback(self) -> str | None:
+        return self.result.get("traceback")
 
 
 def _die_with_parent() -> None:
@@ -110,7 +124,7 @@ def run_child(spec_path: Path, *, events_path: Path, result_path: Path, log_path
         return ChildOutcome(False, result.get("kind", "error"), code, result.get("error"), result)
     if code is not None and code < 0:
         return ChildOutcome(False, "killed", code, f"stage process killed by {signal.Signals(-code).name}")
-    return ChildOutcome(False, "error", code, f"stage process exited with {code} and no result; see {log_path}")
+    return ChildOutcome(False, "no_result", code, f"stage process exited with {code} and no result; see {log_path}")
 
 
 def _signal_group(pid: int, sig: int) -> None:

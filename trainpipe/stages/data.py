@@ -68,16 +68,39 @@ def _check_preference_row(row: dict[str, Any], where: str) -> str:
 _CHECKERS = {"sft": _check_sft_row, "preference": _check_preference_row, "eval": _check_sft_row}
 
 
+def _lines(file: Path):
+    """(line number, text) of a JSONL file. UTF-8, with or without a byte-order mark (editors on
+    Windows add one); any other encoding is refused at the first line that does not decode."""
+    with file.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1:
+                if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                    raise DatasetError(f"{file}:1: the file is UTF-16 (byte-order mark {raw[:2].hex(' ')}); "
+                                       "save it as UTF-8")
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"{file}:{line_no}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                                   f"{exc.start + 1}); save the file as UTF-8") from None
+
+
+def _check_readable(file: Path, kind: str) -> None:
+    if file.is_dir():
+        raise DatasetError(f"{file}: {kind} dataset is a directory; point it at a .jsonl file")
+    if not file.is_file():
+        raise DatasetError(f"{file}: {kind} dataset not found")
+
+
 def validate_jsonl(path: str | Path, kind: str) -> dict[str, Any]:
     """Check every row; return {'rows': n, 'format': ...}. Raises DatasetError naming file:line."""
     file = Path(path)
-    if not file.is_file():
-        raise DatasetError(f"{file}: {kind} dataset not found")
+    _check_readable(file, kind)
     check = _CHECKERS[kind]
     formats: set[str] = set()
     rows = 0
-    with file.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    try:
+        for line_no, line in _lines(file):
             if not line.strip():
                 continue
             where = f"{file}:{line_no}"
@@ -89,6 +112,8 @@ def validate_jsonl(path: str | Path, kind: str) -> dict[str, Any]:
                 raise DatasetError(f"{where}: each line must be a JSON object")
             formats.add(check(row, where))
             rows += 1
+    except OSError as exc:
+        raise DatasetError(f"{file}: cannot read the {kind} dataset ({exc.strerror or exc})") from None
     if rows == 0:
         raise DatasetError(f"{file}: {kind} dataset is empty")
     if len(formats) > 1:
@@ -97,8 +122,7 @@ def validate_jsonl(path: str | Path, kind: str) -> dict[str, Any]:
 
 
 def load_rows(path: str | Path) -> list[dict[str, Any]]:
-    with Path(path).open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return [json.loads(line) for _, line in _lines(Path(path)) if line.strip()]
 
 
 def split_heldout(rows: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:

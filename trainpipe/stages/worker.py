@@ -35,6 +35,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from trainpipe.config import config_from_snapshot
     from trainpipe.errors import TrainpipeError
+    from trainpipe.failures import USER, classify, describe
     from trainpipe.stages.training import Preempted, install_preemption_handler
 
     install_preemption_handler()
@@ -50,15 +51,16 @@ def main(argv: list[str]) -> int:
     except Preempted as exc:
         write_json_atomic(result_path, {"ok": False, "kind": "preempted", "error": str(exc)})
         return EXIT_PREEMPTED
-    except TrainpipeError as exc:
-        write_json_atomic(result_path, {"ok": False, "kind": "user", "error": exc.message})
-        return 2
-    except BaseException as exc:  # noqa: BLE001 - the orchestrator decides what a failure means
-        kind = "oom" if _is_oom(exc) else "error"
-        write_json_atomic(result_path, {"ok": False, "kind": kind, "error": f"{type(exc).__name__}: {exc}",
-                                        "traceback": traceback.format_exc()})
-        traceback.print_exc()
-        return 1
+    except BaseException as exc:  # noqa: BLE001 - classified here, decided on by the orchestrator
+        failure = classify(exc)
+        error = describe(exc)
+        if failure.kind == USER and not isinstance(exc, TrainpipeError):
+            # Library errors rarely say which model or file they were loading; the inputs do.
+            error += " (stage inputs: " + ", ".join(f"{k}={v}" for k, v in spec.inputs.items() if v) + ")"
+        write_json_atomic(result_path, {"ok": False, "kind": failure.cause, "error_kind": failure.kind,
+                                        "error": error, "traceback": traceback.format_exc()})
+        traceback.print_exc()  # into stage.log
+        return 2 if failure.kind == USER else 1
     write_json_atomic(result_path, {"ok": True, **asdict(result), "gate": gate})
     return 0
 
@@ -108,16 +110,6 @@ def _tamper_output_if_asked(fault: dict[str, Any], output_path: str) -> None:
     name = sorted(k for k, v in tensors.items() if v.is_floating_point() and v.dim() == 2)[0]
     tensors[name] = tensors[name] + float(fault.get("delta", 0.05)) * torch.ones_like(tensors[name])
     save_file(tensors, str(path), metadata={"format": "pt"})
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    try:
-        import torch
-    except ImportError:
-        return False
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 if __name__ == "__main__":

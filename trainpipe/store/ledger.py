@@ -13,21 +13,42 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Integer, create_engine, event, func, insert, select, update
+from sqlalchemy import Column, Engine, Integer, create_engine, event, func, insert, make_url, select, update
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 
-from trainpipe.errors import RunNotFound, TrainpipeError
+from trainpipe.errors import LedgerError, RunNotFound, TrainpipeError
+from trainpipe.paths import dir_problem
 from trainpipe.store import schema as s
 
 HOST = socket.gethostname()
+LEDGER_HINT = "pass --db sqlite:///PATH (or set TRAINPIPE_DB) to use another ledger"
 
-# Ordered, named migrations; each runs once and is recorded. New ones go at the end.
+
+def _add_columns(*columns: Column) -> Callable[[Connection], None]:
+    """A migration adding nullable columns. It checks first, because 0001 creates the tables from
+    the current metadata: a ledger made by this version already has them."""
+    def apply(conn: Connection) -> None:
+        for column in columns:
+            table = column.table.name
+            if column.name not in {c["name"] for c in sa_inspect(conn).get_columns(table)}:
+                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column.name} "
+                                     f"{column.type.compile(conn.dialect)}")
+    return apply
+
+
+# Ordered, named migrations; each runs once and is recorded. New ones go at the end. A ledger that
+# has a name this list lacks was written by a newer trainpipe and is refused, not guessed at.
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_initial", lambda conn: s.metadata.create_all(conn)),
+    ("0002_error_kinds", _add_columns(s.runs.c.error_kind, s.runs.c.error_traceback,
+                                      s.stage_attempts.c.error_kind, s.stage_attempts.c.error_traceback)),
 ]
 
 
@@ -42,7 +63,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # pysqlite's own BEGIN handling would defeat BEGIN IMMEDIATE below.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    # journal_mode=WAL is persistent and a write: Ledger._open sets it once the file is known to be ours.
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=FULL")
@@ -65,27 +86,128 @@ def _finite(value: Any) -> tuple[float | None, str | None]:
 
 class Ledger:
     def __init__(self, url: str | None = None):
+        """Open (creating if new) and migrate a ledger. Raises LedgerError, and writes nothing, when
+        the file cannot be created, is not an SQLite database, is not a trainpipe ledger, or comes
+        from a newer trainpipe."""
         self.url = url or default_db_url()
-        if self.url.startswith("sqlite:///") and not self.url.startswith("sqlite:///:memory:"):
-            Path(self.url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        self._engine: Engine = create_engine(self.url, future=True)
+        try:
+            parsed = make_url(self.url)
+        except ArgumentError:
+            raise LedgerError(f"ledger URL '{self.url}' is not an SQLAlchemy URL",
+                              hint="e.g. --db sqlite:////abs/path/ledger.db") from None
+        self.where = parsed.render_as_string(hide_password=True)
+        database = parsed.database or ""
+        if parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:") \
+                and not database.startswith("file:"):
+            file = Path(database).expanduser()
+            self.where = str(file)
+            if file.is_dir():
+                raise LedgerError(f"ledger {file} is a directory; --db must name a file", hint=LEDGER_HINT)
+            # Only when the directory is missing: a read-only one still serves `status` and `inspect`.
+            problem = None if file.parent.is_dir() else dir_problem(file.parent, create=True)
+            if problem:
+                raise LedgerError(f"ledger {file}: {problem}", hint=LEDGER_HINT)
+        try:
+            self._engine: Engine = create_engine(self.url, future=True)
+        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+            raise LedgerError(f"ledger URL '{self.where}' cannot be used: {exc}", hint=LEDGER_HINT) from None
         if self._engine.dialect.name == "sqlite":
             event.listen(self._engine, "connect", _sqlite_pragmas)
             event.listen(self._engine, "begin", _sqlite_begin)
         self._writer = self._engine.execution_options(tp_write=True)
-        self._migrate()
+        try:
+            self._open()
+        except DBAPIError as exc:
+            self._engine.dispose()
+            raise LedgerError(self._problem(exc), hint=LEDGER_HINT) from None
+        except LedgerError:
+            self._engine.dispose()
+            raise
 
     def close(self) -> None:
         self._engine.dispose()
 
-    def _migrate(self) -> None:
+    def _problem(self, exc: DBAPIError) -> str:
+        """The database's complaint, as the user can act on it."""
+        text = str(exc.orig).lower()
+        if "file is not a database" in text:
+            return f"ledger {self.where} is not an SQLite database; is --db pointing at the right file?"
+        if "readonly" in text or "read-only" in text:
+            return f"ledger {self.where} is read-only; trainpipe records every run there and needs to write it"
+        if "unable to open" in text:
+            return f"ledger {self.where} cannot be opened; check the path and the permissions of its directory"
+        if "locked" in text:
+            return f"ledger {self.where} is locked by another process (waited 30 s)"
+        if "malformed" in text:
+            return f"ledger {self.where} is damaged ({exc.orig}); restore it from a backup or use another --db"
+        return f"ledger {self.where}: {exc.orig}"
+
+    def _open(self) -> None:
+        # Read first: a file that is not ours, or is newer than us, is refused before anything is written.
+        with self._engine.connect() as conn:
+            applied = self._check_schema(conn)
+        if not [name for name, _ in MIGRATIONS if name not in applied]:
+            return  # the common case: no write lock, and a read-only ledger can still be read
+        if self._engine.dialect.name == "sqlite":
+            raw = self._engine.raw_connection()
+            try:
+                raw.cursor().execute("PRAGMA journal_mode=WAL")
+            finally:
+                raw.close()
         with self._writer.begin() as conn:
-            s.schema_migrations.create(conn, checkfirst=True)
-            done = set(conn.scalars(select(s.schema_migrations.c.name)))
+            applied = self._check_schema(conn)  # another process may have migrated since the read
             for name, apply in MIGRATIONS:
-                if name not in done:
+                if name not in applied:
                     apply(conn)
                     conn.execute(insert(s.schema_migrations).values(name=name, applied_at=time.time()))
+
+    def _check_schema(self, conn: Connection) -> set[str]:
+        """The migrations applied so far; LedgerError if the database is not a ledger this code can read."""
+        tables = set(sa_inspect(conn).get_table_names())
+        if s.schema_migrations.name not in tables:
+            if tables:
+                shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+                raise LedgerError(f"ledger {self.where} is a database but not a trainpipe ledger "
+                                  f"(tables: {shown}; no schema_migrations)", hint=LEDGER_HINT)
+            return set()
+        applied = set(conn.scalars(select(s.schema_migrations.c.name)))
+        unknown = applied - {name for name, _ in MIGRATIONS}
+        if unknown:
+            raise LedgerError(f"ledger {self.where} was created by a newer trainpipe (schema steps "
+                              f"{', '.join(sorted(unknown))} are unknown to this version); upgrade trainpipe",
+                              hint="pip install -U trainpipe; or " + LEDGER_HINT)
+        if applied >= {name for name, _ in MIGRATIONS}:
+            inspector = sa_inspect(conn)
+            for table in s.metadata.sorted_tables:
+                have = {c["name"] for c in inspector.get_columns(table.name)} if table.name in tables else set()
+                missing = [c.name for c in table.columns if c.name not in have]
+                if missing:
+                    raise LedgerError(f"ledger {self.where} is damaged: table {table.name} lacks "
+                                      f"{', '.join(missing)} although every migration is recorded",
+                                      hint=LEDGER_HINT)
+        return applied
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction (BEGIN IMMEDIATE); a ledger that cannot be written raises LedgerError."""
+        try:
+            with self._writer.begin() as conn:
+                yield conn
+        except OperationalError as exc:
+            raise LedgerError(self._problem(exc), hint=LEDGER_HINT) from exc
+
+    def check_writable(self) -> None:
+        """LedgerError if a write would fail (a read-only file or directory, a full disk). Writes
+        nothing: the probe row is rolled back."""
+        try:
+            with self._writer.connect() as conn:
+                trans = conn.begin()
+                try:
+                    conn.execute(insert(s.schema_migrations).values(name="~write-probe", applied_at=0.0))
+                finally:
+                    trans.rollback()
+        except OperationalError as exc:
+            raise LedgerError(self._problem(exc), hint=LEDGER_HINT) from None
 
     # ------------------------------------------------------------ runs
 
@@ -94,7 +216,7 @@ class Ledger:
                    stages: Iterable[str]) -> None:
         """Insert a pending run with its stages pending, and the `create` transition."""
         now = time.time()
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             conn.execute(insert(s.runs).values(
                 run_id=run_id, pipeline_id=pipeline_id, state="pending", config_path=config_path,
                 config_snapshot=config_snapshot, output_dir=output_dir, run_dir=run_dir,
@@ -120,7 +242,7 @@ class Ledger:
         compare-and-set that liveness detection relies on); otherwise IllegalTransition is raised by
         `resolve` or a StaleState is raised here.
         """
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             row = conn.execute(select(s.runs.c.state).where(s.runs.c.run_id == run_id).with_for_update()).first()
             if row is None:
                 raise RunNotFound(f"no run with id '{run_id}'")
@@ -143,7 +265,7 @@ class Ledger:
 
     def transition_stage(self, run_id: str, stage: str, trigger: str, resolve: Callable[[str], str], *,
                          detail: dict[str, Any] | None = None, output_path: str | None = None) -> str:
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             row = conn.execute(select(s.stages.c.state).where(
                 s.stages.c.run_id == run_id, s.stages.c.name == stage).with_for_update()).first()
             if row is None:
@@ -164,14 +286,14 @@ class Ledger:
 
     def heartbeat(self, run_id: str) -> bool:
         """Refresh the owner's heartbeat; False if this process no longer owns the run."""
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             result = conn.execute(update(s.runs).where(
                 s.runs.c.run_id == run_id, s.runs.c.owner_pid == os.getpid(), s.runs.c.owner_host == HOST,
             ).values(heartbeat_at=time.time()))
             return result.rowcount == 1
 
     def update_run(self, run_id: str, **fields: Any) -> None:
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(updated_at=time.time(), **fields))
 
     def get_run(self, run_id: str) -> dict[str, Any]:
@@ -184,7 +306,8 @@ class Ledger:
     def list_runs(self, *, limit: int | None = 50, states: Iterable[str] | None = None) -> list[dict[str, Any]]:
         query = select(s.runs.c.run_id, s.runs.c.pipeline_id, s.runs.c.state, s.runs.c.current_stage,
                        s.runs.c.created_at, s.runs.c.updated_at, s.runs.c.finished_at, s.runs.c.owner_pid,
-                       s.runs.c.owner_host, s.runs.c.heartbeat_at, s.runs.c.output_dir)
+                       s.runs.c.owner_host, s.runs.c.heartbeat_at, s.runs.c.output_dir, s.runs.c.error,
+                       s.runs.c.error_kind)
         if states is not None:
             query = query.where(s.runs.c.state.in_(list(states)))
         query = query.order_by(s.runs.c.created_at.desc())
@@ -217,7 +340,7 @@ class Ledger:
     def open_attempt(self, run_id: str, stage: str, *, pid: int | None = None,
                      resumed_from: str | None = None, overrides: dict[str, Any] | None = None) -> tuple[int, int]:
         """Open the next attempt of a stage; returns (attempt row id, attempt number from 1)."""
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             last = conn.scalar(select(func.max(s.stage_attempts.c.attempt)).where(
                 s.stage_attempts.c.run_id == run_id, s.stage_attempts.c.stage == stage)) or 0
             result = conn.execute(insert(s.stage_attempts).values(
@@ -226,18 +349,20 @@ class Ledger:
             return int(result.inserted_primary_key[0]), last + 1
 
     def close_attempt(self, attempt_id: int, outcome: str, *, exit_code: int | None = None,
-                      error: str | None = None, metrics: dict[str, Any] | None = None) -> None:
-        with self._writer.begin() as conn:
+                      error: str | None = None, metrics: dict[str, Any] | None = None,
+                      error_kind: str | None = None, error_traceback: str | None = None) -> None:
+        with self._write() as conn:
             conn.execute(update(s.stage_attempts).where(s.stage_attempts.c.id == attempt_id).values(
-                outcome=outcome, finished_at=time.time(), exit_code=exit_code, error=error, metrics=metrics))
+                outcome=outcome, finished_at=time.time(), exit_code=exit_code, error=error, metrics=metrics,
+                error_kind=error_kind, error_traceback=error_traceback))
 
     def set_attempt_pid(self, attempt_id: int, pid: int) -> None:
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             conn.execute(update(s.stage_attempts).where(s.stage_attempts.c.id == attempt_id).values(pid=pid))
 
     def close_open_attempts(self, run_id: str, outcome: str, error: str) -> int:
         """Close attempts a dead owner left `running`."""
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             result = conn.execute(update(s.stage_attempts).where(
                 s.stage_attempts.c.run_id == run_id, s.stage_attempts.c.outcome == "running",
             ).values(outcome=outcome, finished_at=time.time(), error=error))
@@ -254,7 +379,7 @@ class Ledger:
 
     def record_checkpoint(self, run_id: str, stage: str, attempt_id: int, step: int, path: str,
                           manifest_sha256: str | None) -> None:
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             conn.execute(insert(s.checkpoints).values(
                 run_id=run_id, stage=stage, attempt_id=attempt_id, step=step, path=path,
                 manifest_sha256=manifest_sha256, created_at=time.time()))
@@ -274,7 +399,7 @@ class Ledger:
             values.append({"run_id": run_id, "stage": stage, "attempt_id": attempt_id, "step": int(step),
                            "name": name, "value": number, "raw": raw})
         if values:
-            with self._writer.begin() as conn:
+            with self._write() as conn:
                 conn.execute(insert(s.metrics), values)
         return len(values)
 
@@ -288,7 +413,7 @@ class Ledger:
     def record_gate(self, run_id: str, stage: str, attempt_id: int | None, gate: str, passed: bool,
                     checks: list[dict[str, Any]]) -> int:
         """Write a gate outcome and every check's result together."""
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             result = conn.execute(insert(s.gate_results).values(
                 run_id=run_id, stage=stage, attempt_id=attempt_id, gate=gate, passed=passed,
                 created_at=time.time()))
@@ -316,7 +441,7 @@ class Ledger:
         rows = [{"run_id": run_id, "stage": stage, "path": p, "size_bytes": n, "sha256": h, "created_at": now}
                 for p, n, h in files]
         if rows:
-            with self._writer.begin() as conn:
+            with self._write() as conn:
                 conn.execute(insert(s.artifacts), rows)
 
     def artifacts(self, run_id: str) -> list[dict[str, Any]]:

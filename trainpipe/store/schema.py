@@ -37,6 +37,8 @@ runs = Table(
     Column("current_stage", String(16)),
     Column("final_model_path", Text),
     Column("error", Text),
+    Column("error_kind", String(16)),  # user, transient, bug (trainpipe/failures.py); migration 0002
+    Column("error_traceback", Text),   # kept for `bug`: what `inspect` shows
 )
 Index("ix_runs_created", runs.c.created_at)
 
@@ -66,6 +68,8 @@ stage_attempts = Table(
     Column("resumed_from", Text),
     Column("overrides", JSON),  # e.g. the OOM retry's halved batch
     Column("metrics", JSON),
+    Column("error_kind", String(16)),  # migration 0002
+    Column("error_traceback", Text),
     UniqueConstraint("run_id", "stage", "attempt"),
 )
 

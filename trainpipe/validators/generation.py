@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from trainpipe.paths import bundled_path
-from trainpipe.stages.data import split_prompt_completion
+from trainpipe.stages.data import load_rows, split_prompt_completion
 from trainpipe.validators.gate import GateContext, Outcome
 
 SHOWN = 3  # failing examples quoted in a check's details
@@ -74,8 +74,7 @@ def output_format_valid(ctx: GateContext) -> Outcome:
 
 def redteam_prompts(ctx: GateContext) -> list[str]:
     path = ctx.config.validation.redteam_file or bundled_path("examples/task_api/redteam.jsonl")
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line)["prompt"] for line in handle if line.strip()]
+    return [row["prompt"] for row in load_rows(path)]
 
 
 def no_harmful_content(ctx: GateContext) -> Outcome:

@@ -1,0 +1,154 @@
+"""Checks that run before a run is created (and before a resume claims one): everything a stage would
+otherwise discover minutes in, at the cost of a few file lookups and at most one Hub request.
+
+Every problem found is reported, one line each, naming the key and the path or model; nothing is
+written to the ledger or the output dir. Heavy imports stay inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from trainpipe.config import PipelineConfig
+from trainpipe.errors import LedgerError, PreflightError
+from trainpipe.paths import dir_problem
+from trainpipe.stages.loading import hub_token
+from trainpipe.store.ledger import Ledger
+
+# namespace/name (or a bare name), as the Hub allows them.
+HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+HUB_TIMEOUT_S = 10.0
+WEIGHTS = ("*.safetensors", "model.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check(config: PipelineConfig, ledger: Ledger, *, needs_base_model: bool = True) -> None:
+    """PreflightError listing every problem, or None when the run can start."""
+    problems = [p for p in (output_dir_problem(config.output_dir), ledger_problem(ledger),
+                            base_model_problem(config.base_model) if needs_base_model else None,
+                            upload_problem(config)) if p]
+    if problems:
+        message = problems[0] if len(problems) == 1 else (
+            f"{len(problems)} problems stop this run:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise PreflightError(message,
+                             hint="nothing was recorded; fix the above and run the same command again")
+
+
+def output_dir_problem(output_dir: str) -> str | None:
+    problem = dir_problem(output_dir)
+    return f"output_dir '{output_dir}': {problem}" if problem else None
+
+
+def ledger_problem(ledger: Ledger) -> str | None:
+    try:
+        ledger.check_writable()
+    except LedgerError as exc:
+        return exc.message
+    return None
+
+
+def upload_problem(config: PipelineConfig) -> str | None:
+    if not config.upload_to_hub:
+        return None
+    if not config.hub_repo_id or "/" not in config.hub_repo_id or not HUB_ID.match(config.hub_repo_id):
+        return (f"hub_repo_id '{config.hub_repo_id or ''}': upload_to_hub is true and needs a repo id "
+                "like 'your-name/model-name'")
+    if not hub_token():
+        return (f"upload_to_hub: uploading to '{config.hub_repo_id}' needs a Hub token with write access; "
+                "set HF_TOKEN (read from the environment only, never stored)")
+    return None
+
+
+def base_model_problem(name: str) -> str | None:
+    """None when the base model will load: the built-in model, a local model directory, or a Hub id
+    that is in the local cache or that the Hub confirms."""
+    from trainpipe.stages.tiny_model import is_builtin
+
+    if is_builtin(name):
+        return _builtin_problem(name)
+    local = Path(name).expanduser()
+    if local.exists() or not HUB_ID.match(name):
+        return _local_problem(name, local)
+    return _hub_problem(name)
+
+
+def _builtin_problem(name: str) -> str | None:
+    from trainpipe.errors import ConfigError, TrainpipeError
+    from trainpipe.stages.tiny_model import ensure_tiny_model
+
+    try:
+        ensure_tiny_model(name)
+    except ConfigError as exc:
+        return f"base_model: {exc.message}"
+    except TrainpipeError as exc:
+        return f"base_model '{name}': {exc.message}"
+    return None
+
+
+def _local_problem(name: str, path: Path) -> str | None:
+    where = f"base_model '{name}'"
+    if not path.exists():
+        return f"{where}: no such directory (and not a Hub id like 'org/model')"
+    if not path.is_dir():
+        return f"{where}: is a file; point it at a model directory (config.json, *.safetensors, tokenizer)"
+    return _model_dir_problem(where, path)
+
+
+def _model_dir_problem(where: str, path: Path) -> str | None:
+    config = path / "config.json"
+    if not config.is_file():
+        if (path / "adapter_config.json").is_file():
+            return f"{where}: {path} is a LoRA adapter, not a full model; use its base model (or merge it first)"
+        return f"{where}: no config.json in {path}; not a transformers model directory"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{where}: {config} cannot be read as JSON ({exc})"
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHTS):
+        if next(path.glob("*.bin"), None) or next(path.glob("*.pt"), None):
+            return (f"{where}: {path} has only PyTorch pickle weights (.bin/.pt); trainpipe loads safetensors "
+                    "only (convert with model.save_pretrained(dir, safe_serialization=True))")
+        return f"{where}: no weights in {path} (expected *.safetensors)"
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return f"{where}: no tokenizer in {path} (expected one of {', '.join(TOKENIZER_FILES)})"
+    return None
+
+
+def _hub_problem(repo_id: str) -> str | None:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    where = f"base_model '{repo_id}'"
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        snapshot = Path(cached).parent
+        if _model_dir_problem(where, snapshot) is None:
+            return None  # complete in the cache: loads with or without network
+    cache = constants.HF_HUB_CACHE
+    if constants.HF_HUB_OFFLINE:
+        return (f"{where}: not in the local cache ({cache}) and HF_HUB_OFFLINE=1 forbids downloading it; "
+                "set HF_HUB_OFFLINE=0 on a machine with network, or point base_model at a local directory")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        info = HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S, token=hub_token())
+    except GatedRepoError:
+        return f"{where}: the repo is gated; accept its terms on the Hub and set HF_TOKEN"
+    except RepositoryNotFoundError:
+        return (f"{where}: no such model on the Hub and no local directory of that name "
+                "(check the id; a private repo needs HF_TOKEN)")
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return f"{where}: not in the local cache ({cache}) and the Hub answered {status or exc}; try again later"
+    except Exception as exc:  # noqa: BLE001 - any network failure means the same thing here
+        return (f"{where}: not in the local cache ({cache}) and the Hub is unreachable "
+                f"({type(exc).__name__}: {exc}); connect to the network, or download it where there is one "
+                f"(`hf download {repo_id}`) and copy the cache, or point base_model at a local directory")
+    if getattr(info, "gated", False) and not hub_token():
+        return f"{where}: the repo is gated; accept its terms on the Hub and set HF_TOKEN"
+    files = [s.rfilename for s in (info.siblings or [])]
+    if files and not any(f.endswith(".safetensors") for f in files):
+        return f"{where}: the Hub repo has no *.safetensors weights; trainpipe loads safetensors only"
+    return None

@@ -1,0 +1,109 @@
+"""What kind of failure an exception is, in one table: the stage worker records it, the runner
+decides on it (retry or not, exit code) and `inspect` shows it. Torch-free: exceptions are matched
+by class name and message, so classifying never imports the library that raised.
+
+- `user`: the input is wrong (a missing or unloadable model, a bad file, a permission, a config
+  that does not fit the model). A retry would fail the same way: not retried, exit 2.
+- `transient`: the machine had a bad moment (OOM, a kill, a timeout, an I/O hiccup). Retried.
+- `bug`: anything else. Not retried (the same code fails the same way), exit 1, traceback kept.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from dataclasses import dataclass
+
+from trainpipe.errors import TrainpipeError
+
+USER, TRANSIENT, BUG = "user", "transient", "bug"
+
+# How a stage process ended when there is no exception to look at (see engine/supervisor.py).
+CAUSE_KIND = {"oom": TRANSIENT, "killed": TRANSIENT, "timed_out": TRANSIENT, "io": TRANSIENT,
+              "user": USER, "bug": BUG, "no_result": BUG,
+              "error": BUG}  # "error": result files written before kinds existed
+
+# Class names anywhere in the exception's MRO.
+_TYPES = [
+    ("oom", {"OutOfMemoryError", "MemoryError"}),
+    ("user", {"TrainpipeError", "FileNotFoundError", "NotADirectoryError", "IsADirectoryError",
+              "PermissionError", "ModuleNotFoundError",  # a missing optional package
+              # huggingface_hub: a model that is not there, not allowed, or not fetchable
+              "RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "EntryNotFoundError",
+              "LocalEntryNotFoundError", "OfflineModeIsEnabled",
+              # a file that is not what it claims to be
+              "SafetensorError", "JSONDecodeError", "UnicodeDecodeError", "YAMLError"}),
+    ("io", {"TimeoutError", "ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError",
+            "ReadTimeout", "ConnectTimeout"}),
+]
+_ERRNOS = [
+    ("user", {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+              errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}),
+    ("io", {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.ECONNRESET,
+            errno.ECONNABORTED, errno.EPIPE, errno.EINTR}),
+]
+# Messages libraries raise as plain OSError/ValueError/RuntimeError.
+_MESSAGES = [
+    ("oom", r"out of memory"),
+    # transformers, model not in the cache and not downloadable; a retry will not make it appear
+    ("user", r"we couldn't connect to|is not a local folder and is not a valid model"
+             r"|does not appear to have (a file|files) named|can't load (the )?(tokenizer|config)"
+             r"|incorrect path_or_model_id|repository not found"),
+    # a config that does not fit the model or the checkpoint
+    ("user", r"size mismatch for|target modules? .* not found|error\(s\) in loading state_dict"
+             r"|error while deserializing header|no such file or directory|permission denied"),
+    ("user", r"requires .* pip install|pip install [\w-]+"),  # transformers' ImportError for bitsandbytes etc.
+    ("io", r"input/output error|connection reset|temporarily unavailable"),
+]
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: str    # user, transient, bug
+    cause: str   # oom, io, user, bug: finer, for the retry policy (OOM halves the batch)
+
+
+def _classify_one(exc: BaseException) -> str | None:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    for cause, types in _TYPES:
+        if names & types:
+            return cause
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and code is not None:
+        for cause, codes in _ERRNOS:
+            if code in codes:
+                return cause
+    text = str(exc).lower()
+    for cause, pattern in _MESSAGES:
+        if re.search(pattern, text):
+            return cause
+    return None
+
+
+def classify(exc: BaseException) -> Failure:
+    """The exception, then what it was explicitly raised from (`raise X from Y`; transformers wraps
+    hub errors this way). `__context__` is not followed: a bug inside an `except` block is a bug."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        cause = _classify_one(seen)
+        if cause is not None:
+            return Failure(CAUSE_KIND[cause], cause)
+        seen = seen.__cause__
+    return Failure(BUG, "bug")
+
+
+def kind_of(cause: str | None) -> str | None:
+    return CAUSE_KIND.get(cause or "", BUG) if cause else None
+
+
+def retryable(kind: str | None) -> bool:
+    return kind == TRANSIENT
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the ledger and the terminal: our own errors by their message, others by type."""
+    if isinstance(exc, TrainpipeError):
+        return f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+    return f"{type(exc).__name__}: {exc}"
