@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench matrix soak clean
+.PHONY: install demo test bench matrix soak tiny-model clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ matrix: install
 # 100 random kills and resumes, then 8 concurrent runs on one ledger (~30-40 min on 2 cores).
 soak: install
 	$(BIN)/python benchmarks/soak.py --kills 100 --concurrent 8
+
+# Rebuild the shipped built-in model and its SHA256SUMS (weights differ per CPU kernel: commit both).
+tiny-model: install
+	$(BIN)/python -m trainpipe.stages.tiny_model --write-assets
 
 clean:
 	rm -rf $(VENV) trainpipe-demo .pytest_cache
