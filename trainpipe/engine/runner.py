@@ -88,12 +88,13 @@ def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = Non
     run_id = check_run_id(run_id or new_run_id(config.pipeline_id))
     run_dir = inside(config.output_dir, run_id)
     observer = observer or Observer()
-    for note in ineffective_overrides(config, overrides or []):
-        observer.note(note)
     ledger.create_run(run_id=run_id, pipeline_id=config.pipeline_id, config_snapshot=config.model_dump(mode="json"),
                       config_path=str(Path(config_path).resolve()), output_dir=config.output_dir,
                       run_dir=str(run_dir), stages=[name for name in STAGE_ORDER])
     observer.run_created(run_id, str(run_dir))
+    # After the run id: scripts read it from the first line of the output.
+    for note in ineffective_overrides(config, overrides or []):
+        observer.note(note)
     ledger.transition_run(run_id, "start", _fsm("run", "start"), set_owner=True)
     return _drive(ledger, run_id, observer, fault_point="run:start")
 
