@@ -35,7 +35,7 @@ STAGE_POINTS = [
     ("dpo", {"at": "start"}), ("dpo", {"step": 3}), ("dpo", {"at": "gate"}),
 ]
 # dpo:checkpoint is left to the full matrix: test_midstage_resume.py kills the orchestrator mid-DPO in CI.
-IN_CI = {"sft:validate", "merge:pass_gate", "merge-gate"}
+IN_CI = {"sft:validate", "merge-gate"}
 FULL = os.environ.get("TRAINPIPE_FULL_MATRIX") == "1"
 
 
