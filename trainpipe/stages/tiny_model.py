@@ -264,7 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(previous, ignore_errors=True)
         out.rename(previous)
     out.parent.mkdir(parents=True, exist_ok=True)
-    build_tiny_model(out)
+    try:
+        build_tiny_model(out)
+    except BaseException:
+        if previous.exists() and not out.exists():
+            previous.rename(out)  # a failed rebuild leaves the shipped model as it was
+        raise
     shutil.rmtree(previous, ignore_errors=True)
     print(f"built {out}")
     print((out / CHECKSUMS).read_text(encoding="utf-8"), end="")
