@@ -40,7 +40,9 @@ def test_quickstart_cli_end_to_end(kernel, tmp_path, db_url, monkeypatch):
         pytest.skip(f"this CPU's own kernel is {effective}, already run by the '{effective.lower()}' case")
     if kernel == "avx2" and effective != "AVX2":
         pytest.skip(f"this CPU has no AVX2 (torch runs {effective})")
-    if kernel != "native":
+    if kernel == "native":
+        monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    else:
         monkeypatch.setenv("ATEN_CPU_CAPABILITY", kernel)
     monkeypatch.setenv("TRAINPIPE_CACHE", str(tmp_path / "fresh-cache"))
     out = tmp_path / "artifacts"
