@@ -74,10 +74,10 @@ def _corpus() -> tuple[list[str], list[str]]:
     """(tokenizer texts, pretraining texts). The tokenizer sees every string of the bundled data; the
     pretraining leaves out the preference file's rejected replies (malformed JSON, prose), which DPO
     is there to push away from, and sees requests with mismatched replies (see PRETRAIN)."""
+    from trainpipe.stages.data import load_rows
+
     data_dir = bundled_path("examples/task_api")
-    sft = [json.loads(line) for line in (data_dir / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
-    preference = [json.loads(line)
-                  for line in (data_dir / "preference.jsonl").read_text(encoding="utf-8").splitlines()]
+    sft, preference = load_rows(data_dir / "sft.jsonl"), load_rows(data_dir / "preference.jsonl")
     plain = [m["content"] for row in sft for m in row["messages"]]
     plain += [row[key] for row in preference for key in ("prompt", "chosen")]
     replies = [row["messages"][-1]["content"] for row in sft]
