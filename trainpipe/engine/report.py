@@ -59,7 +59,7 @@ def run_report(ledger: Ledger, run_id: str) -> dict[str, Any]:
                 "duration_s": round((a["finished_at"] or time.time()) - a["started_at"], 2),
                 "exit_code": a["exit_code"], "error": a["error"], "error_kind": a["error_kind"],
                 "traceback": a["error_traceback"], "resumed_from": a["resumed_from"],
-                "overrides": a["overrides"] or {},
+                "overrides": a["overrides"] or {}, "worker": a.get("worker"),
             } for a in mine],
             "checkpoints": [{"step": c["step"], "path": c["path"], "attempt_id": c["attempt_id"]}
                             for c in checkpoints if c["stage"] == name],

@@ -22,7 +22,7 @@ from trainpipe.config import STAGE_ORDER, PipelineConfig, config_from_snapshot, 
 from trainpipe.engine import liveness, preflight
 from trainpipe.engine.exports import write_exports
 from trainpipe.engine.machine import RUN_RESUMABLE, STAGE_DONE, RunState, next_state
-from trainpipe.engine.supervisor import ChildOutcome, run_child
+from trainpipe.engine.supervisor import ChildOutcome, StageWorkers, run_child
 from trainpipe.errors import (
     EXIT_GATE_REJECTED,
     EXIT_INTERRUPTED,
@@ -191,7 +191,8 @@ def _drive(ledger: Ledger, run_id: str, observer: Observer, fault_point: str | N
     config = config_from_snapshot(run["config_snapshot"])
     run_dir = Path(run["run_dir"])
     errors: list[str] = []
-    with _StopFlag() as stop:
+    # One pre-imported stage worker per run, started with the first attempt and ended with the run.
+    with _StopFlag() as stop, StageWorkers(inside(run_dir, ".work", "worker.log")) as workers:
         try:
             if fault_point:
                 _fault_point(fault_point)
@@ -207,7 +208,7 @@ def _drive(ledger: Ledger, run_id: str, observer: Observer, fault_point: str | N
                                             detail={"reason": "disabled in config"})
                     observer.stage_finished(name, "skipped", {}, None, None)
                     continue
-                end = _run_stage(ledger, run_id, config, run_dir, name, observer, stop)
+                end = _run_stage(ledger, run_id, config, run_dir, name, observer, stop, workers)
                 if end.error:
                     errors.append(f"{name}: {end.error}")
                 if end.state == "interrupted":
@@ -323,7 +324,7 @@ def _oom_overrides(config: PipelineConfig, name: str, previous: dict[str, Any]) 
 
 
 def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Path, name: str,
-               observer: Observer, stop: _StopFlag) -> StageEnd:
+               observer: Observer, stop: _StopFlag, workers: StageWorkers) -> StageEnd:
     entry = config.stage(name)
     work_dir = inside(run_dir, ".work", name)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -365,12 +366,15 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
                 observer.stage_progress(name, int(event.get("step", 0)), int(event.get("total", 0)),
                                         event.get("logs"))
 
+        fallback_before = workers.fallback_reason
         outcome = run_child(spec_path, events_path=Path(spec.events_path), result_path=Path(spec.result_path),
                             log_path=work_dir / "stage.log",
                             timeout_s=entry.timeout_minutes * 60 if entry.timeout_minutes else None,
                             on_event=on_event, on_tick=lambda: ledger.heartbeat(run_id),
-                            on_start=lambda pid, _a=attempt_id: ledger.set_attempt_pid(_a, pid),
-                            stop_requested=lambda: stop.requested)
+                            on_start=lambda pid, worker, _a=attempt_id: ledger.set_attempt_process(_a, pid, worker),
+                            stop_requested=lambda: stop.requested, workers=workers)
+        if workers.fallback_reason != fallback_before:
+            observer.note(f"{name}: stage processes start as fresh interpreters: {workers.fallback_reason}")
         if outcome.ok:
             return _validate(ledger, run_id, config, name, attempt_id, outcome, observer, work_dir)
 

@@ -1,11 +1,20 @@
-"""Runs one stage attempt in a child process and watches it: events, heartbeats, timeout, signals."""
+"""Runs one stage attempt in a child process and watches it: events, heartbeats, timeout, signals.
+
+A stage attempt's process is forked from the run's pre-imported stage worker (stages/zygote.py) when
+it can be, so it does not pay the torch/transformers/trl imports again; otherwise it is a fresh
+interpreter, `python -m trainpipe.stages.worker SPEC`, as before. `StageWorkers` decides which, and
+the ledger records it per attempt (`stage_attempts.worker`: fork or spawn). This module only
+starts and signals processes: it never imports torch.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -69,27 +78,197 @@ class _EventTail:
         return [json.loads(line) for line in lines if line.strip()]
 
 
+WORKER_ENV = "TRAINPIPE_WORKER"  # "fork" (the default on Linux) or "spawn" (a fresh interpreter per attempt)
+
+
+class StageProcess:
+    """One stage attempt's process, however it was started. `pid` is None until the process exists."""
+
+    pid: int | None
+    worker: str
+
+    def poll(self) -> int | None:
+        """The exit code once the process ended (negative: killed by that signal), else None."""
+        raise NotImplementedError
+
+    def signal_group(self, sig: int) -> None:
+        raise NotImplementedError
+
+
+class _Spawned(StageProcess):
+    worker = "spawn"
+
+    def __init__(self, spec_path: Path, log_path: Path, env: dict[str, str]):
+        with log_path.open("ab") as log:
+            # A new session makes the stage its own process group: a timeout kills the whole group,
+            # and a Ctrl-C in the terminal reaches only the orchestrator, which then asks it to stop.
+            self._proc = subprocess.Popen([sys.executable, "-m", "trainpipe.stages.worker", str(spec_path)],
+                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True, preexec_fn=_die_with_parent, env=env)
+        self.pid = self._proc.pid
+
+    def poll(self) -> int | None:
+        return self._proc.poll()
+
+    def signal_group(self, sig: int) -> None:
+        _signal_group(self._proc.pid, sig)
+
+
+class _Forked(StageProcess):
+    """A child of the pre-imported worker, which reaps it and reports its exit code. If the worker
+    refuses to fork, the attempt is spawned instead, and this object stands for that process."""
+
+    worker = "fork"
+
+    def __init__(self, workers: StageWorkers, spec_path: Path, log_path: Path, env: dict[str, str]):
+        self._workers = workers
+        self._respawn = (spec_path, log_path, env)
+        self._spawned: _Spawned | None = None
+        self._code: int | None = None
+        self.pid = None
+
+    def _pump(self) -> None:
+        while self._code is None and self._spawned is None:
+            message = self._workers.receive()
+            if message is None:
+                return
+            if message.get("gone") and self.pid is not None:
+                # The worker died mid-stage; its PR_SET_PDEATHSIG took the child with it.
+                self._code = -signal.SIGKILL
+            elif message.get("gone") or "refused" in message:
+                self._workers.fall_back(message.get("refused") or "the pre-imported worker exited before it "
+                                        f"could fork (see {self._workers.log_path})")
+                self._spawned = _Spawned(*self._respawn)
+                self.pid, self.worker = self._spawned.pid, self._spawned.worker
+            elif "pid" in message:
+                self.pid = int(message["pid"])
+            elif "exit" in message:
+                self._code = int(message["exit"])
+
+    def poll(self) -> int | None:
+        self._pump()
+        return self._spawned.poll() if self._spawned is not None else self._code
+
+    def signal_group(self, sig: int) -> None:
+        if self.pid is not None:
+            _signal_group(self.pid, sig)
+        elif self._code is None:  # still waiting for the worker's imports: the attempt ends unstarted
+            self._workers.kill()
+            self._code = -sig
+
+
+class StageWorkers:
+    """Starts the stage attempts of one run: forked from one pre-imported worker process where fork is
+    safe, else (non-Linux, TRAINPIPE_WORKER=spawn, or the worker refuses because CUDA is initialised
+    in it) as a fresh interpreter. Use as a context manager; leaving it ends the worker."""
+
+    def __init__(self, log_path: Path, mode: str | None = None):
+        self.log_path = log_path
+        mode = mode or os.environ.get(WORKER_ENV) or "fork"
+        if mode not in ("fork", "spawn"):
+            raise ValueError(f"{WORKER_ENV} must be fork or spawn, not {mode!r}")
+        self.fallback_reason: str | None = None
+        if mode == "fork" and not (sys.platform == "linux" and hasattr(os, "fork")):
+            mode, self.fallback_reason = "spawn", f"fork is not used on {sys.platform}"
+        self.mode = mode
+        self._proc: subprocess.Popen | None = None
+        self._channel: socket.socket | None = None
+        self._buffer = b""
+        self.import_s: float | None = None
+
+    def __enter__(self) -> StageWorkers:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def start(self, spec_path: Path, log_path: Path, env: dict[str, str]) -> StageProcess:
+        """Ask for the attempt's process; returns at once. In fork mode its pid is known once the
+        worker (started here on first use, ~4-15 s of imports) has forked it."""
+        if self.mode == "spawn":
+            return _Spawned(spec_path, log_path, env)
+        if self._proc is None or self._proc.poll() is not None:
+            self._start_worker(env)
+        assert self._channel is not None
+        self._channel.sendall((json.dumps({"spec": str(spec_path), "log": str(log_path), "env": env}) + "\n")
+                              .encode())
+        return _Forked(self, spec_path, log_path, env)
+
+    def fall_back(self, reason: str) -> None:
+        """Spawn every later attempt of this run: what made fork unsafe (CUDA) does not go away."""
+        self.mode, self.fallback_reason = "spawn", reason
+        self.close()
+
+    def _start_worker(self, env: dict[str, str]) -> None:
+        self.close()
+        ours, theirs = socket.socketpair()
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "trainpipe.stages.zygote", str(theirs.fileno()), str(os.getpid())],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                start_new_session=True, preexec_fn=_die_with_parent, env=env)
+        theirs.close()
+        ours.setblocking(False)
+        self._channel, self._buffer = ours, b""
+
+    def receive(self) -> dict[str, Any] | None:
+        """The worker's next message if one has arrived; {"gone": True} once it has exited."""
+        if self._channel is None:
+            return {"gone": True}
+        while b"\n" not in self._buffer:
+            if not select.select([self._channel], [], [], 0)[0]:
+                return None
+            chunk = self._channel.recv(65536)
+            if not chunk:
+                self.close()
+                return {"gone": True}
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        message = json.loads(line)
+        if message.get("ready"):
+            self.import_s = message.get("import_s")
+            return self.receive()
+        return message
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            _signal_group(self._proc.pid, signal.SIGKILL)
+        self.close()
+
+    def close(self) -> None:
+        """End the worker: the closed channel is its signal to exit."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _signal_group(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+            self._proc = None
+
+
 def run_child(spec_path: Path, *, events_path: Path, result_path: Path, log_path: Path,
               timeout_s: float | None, on_event: Callable[[dict[str, Any]], None],
-              on_tick: Callable[[], None], on_start: Callable[[int], None] | None = None,
-              stop_requested: Callable[[], bool] = lambda: False) -> ChildOutcome:
-    """Start the worker, pump its events, enforce the timeout; return how it ended."""
+              on_tick: Callable[[], None], on_start: Callable[[int, str], None] | None = None,
+              stop_requested: Callable[[], bool] = lambda: False,
+              workers: StageWorkers | None = None) -> ChildOutcome:
+    """Start the stage attempt, pump its events, enforce the timeout; return how it ended."""
     result_path.unlink(missing_ok=True)
     tail = _EventTail(events_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log_path.open("ab") as log:
-        # A new session makes the stage its own process group: a timeout kills the whole group,
-        # and a Ctrl-C in the terminal reaches only the orchestrator, which then asks it to stop.
-        proc = subprocess.Popen([sys.executable, "-m", "trainpipe.stages.worker", str(spec_path)],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=_die_with_parent, env=env)
-    if on_start:
-        on_start(proc.pid)
     started = time.monotonic()
+    proc = (workers or StageWorkers(log_path, mode="spawn")).start(spec_path, log_path, env)
+    reported_pid = False
     last_beat = 0.0
     timed_out = interrupted = False
     term_sent_at: float | None = None
-    while proc.poll() is None:
+    while (code := proc.poll()) is None:
+        if not reported_pid and proc.pid is not None:
+            reported_pid = True
+            if on_start:
+                on_start(proc.pid, proc.worker)
         for event in tail.read():
             on_event(event)
         now = time.monotonic()
@@ -100,17 +279,18 @@ def run_child(spec_path: Path, *, events_path: Path, result_path: Path, log_path
             if timeout_s is not None and now - started > timeout_s:
                 timed_out = True
                 term_sent_at = now
-                _signal_group(proc.pid, signal.SIGTERM)
+                proc.signal_group(signal.SIGTERM)
             elif stop_requested():
                 interrupted = True
                 term_sent_at = now
-                _signal_group(proc.pid, signal.SIGTERM)
+                proc.signal_group(signal.SIGTERM)
         elif now - term_sent_at > TERM_GRACE_S:
-            _signal_group(proc.pid, signal.SIGKILL)
+            proc.signal_group(signal.SIGKILL)
         time.sleep(POLL_S)
+    if not reported_pid and proc.pid is not None and on_start:
+        on_start(proc.pid, proc.worker)
     for event in tail.read():
         on_event(event)
-    code = proc.returncode
     if timed_out:
         return ChildOutcome(False, "timed_out", code, f"timed out after {timeout_s:.0f} s")
     result: dict[str, Any] = {}

@@ -43,12 +43,19 @@ def _add_columns(*columns: Column) -> Callable[[Connection], None]:
     return apply
 
 
+def _add_lookup_indexes(conn: Connection) -> None:
+    for index in s.LOOKUP_INDEXES:
+        index.create(conn, checkfirst=True)  # a ledger made by today's create_all has them already
+
+
 # Ordered, named migrations; each runs once and is recorded. New ones go at the end. A ledger that
 # has a name this list lacks was written by a newer trainpipe and is refused, not guessed at.
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_initial", lambda conn: s.metadata.create_all(conn)),
     ("0002_error_kinds", _add_columns(s.runs.c.error_kind, s.runs.c.error_traceback,
                                       s.stage_attempts.c.error_kind, s.stage_attempts.c.error_traceback)),
+    ("0003_lookup_indexes", _add_lookup_indexes),
+    ("0004_attempt_worker", _add_columns(s.stage_attempts.c.worker)),
 ]
 
 
@@ -356,9 +363,13 @@ class Ledger:
                 outcome=outcome, finished_at=time.time(), exit_code=exit_code, error=error, metrics=metrics,
                 error_kind=error_kind, error_traceback=error_traceback))
 
-    def set_attempt_pid(self, attempt_id: int, pid: int) -> None:
+    def set_attempt_process(self, attempt_id: int, pid: int, worker: str | None = None) -> None:
+        """The attempt's process, and how it was started (`fork` from the pre-imported worker, or `spawn`)."""
+        values: dict[str, Any] = {"pid": pid}
+        if worker is not None:
+            values["worker"] = worker
         with self._write() as conn:
-            conn.execute(update(s.stage_attempts).where(s.stage_attempts.c.id == attempt_id).values(pid=pid))
+            conn.execute(update(s.stage_attempts).where(s.stage_attempts.c.id == attempt_id).values(**values))
 
     def close_open_attempts(self, run_id: str, outcome: str, error: str) -> int:
         """Close attempts a dead owner left `running`."""

@@ -62,6 +62,9 @@ stage_attempts = Table(
     Column("started_at", Float, nullable=False),
     Column("finished_at", Float),
     Column("pid", Integer),
+    # How the attempt's process started: "fork" (from the pre-imported stage worker, stages/zygote.py)
+    # or "spawn" (a fresh interpreter); migration 0004.
+    Column("worker", String(16)),
     Column("host", String(255)),
     Column("exit_code", Integer),
     Column("error", Text),
@@ -148,6 +151,15 @@ artifacts = Table(
     Column("sha256", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
 )
+
+# Lookups by run that `inspect` and resume make; without them a 10,000-run ledger is scanned whole
+# for each. Migration 0003 adds them to older ledgers.
+LOOKUP_INDEXES = [
+    Index("ix_checkpoints_run", checkpoints.c.run_id, checkpoints.c.stage),
+    Index("ix_gate_results_run", gate_results.c.run_id),
+    Index("ix_gate_checks_gate", gate_checks.c.gate_result_id),
+    Index("ix_artifacts_run", artifacts.c.run_id),
+]
 
 schema_migrations = Table(
     "schema_migrations", metadata,
