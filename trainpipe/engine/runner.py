@@ -22,7 +22,7 @@ from trainpipe.config import STAGE_ORDER, PipelineConfig, config_from_snapshot, 
 from trainpipe.engine import liveness, preflight
 from trainpipe.engine.exports import write_exports
 from trainpipe.engine.machine import RUN_RESUMABLE, STAGE_DONE, RunState, next_state
-from trainpipe.engine.supervisor import ChildOutcome, StageWorkers, run_child
+from trainpipe.engine.supervisor import ChildOutcome, StageWorkers, run_child, worker_mode
 from trainpipe.errors import (
     EXIT_GATE_REJECTED,
     EXIT_INTERRUPTED,
@@ -81,6 +81,7 @@ def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = Non
           sft_dataset: str | None = None, preference_dataset: str | None = None,
           observer: Observer | None = None, run_id: str | None = None) -> RunResult:
     """Validate everything, then create and drive a new run. Bad input raises before any write."""
+    worker_mode()
     config = load_config(config_path, overrides=overrides, sft_dataset=sft_dataset,
                          preference_dataset=preference_dataset)
     validate_inputs(config)
@@ -100,6 +101,7 @@ def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = Non
 
 
 def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None) -> RunResult:
+    worker_mode()
     run = ledger.get_run(check_run_id(run_id))
     run = liveness.reconcile(ledger, [run], time.time())[0]
     state = run["state"]

@@ -81,6 +81,16 @@ class _EventTail:
 WORKER_ENV = "TRAINPIPE_WORKER"  # "fork" (the default on Linux) or "spawn" (a fresh interpreter per attempt)
 
 
+def worker_mode() -> str:
+    """TRAINPIPE_WORKER, checked: the runner calls this before it writes anything."""
+    mode = os.environ.get(WORKER_ENV) or "fork"
+    if mode not in ("fork", "spawn"):
+        from trainpipe.errors import ConfigError
+
+        raise ConfigError(f"{WORKER_ENV}={mode!r} is not a worker mode", hint="use fork (the default) or spawn")
+    return mode
+
+
 class StageProcess:
     """One stage attempt's process, however it was started. `pid` is None until the process exists."""
 
@@ -164,9 +174,7 @@ class StageWorkers:
 
     def __init__(self, log_path: Path, mode: str | None = None):
         self.log_path = log_path
-        mode = mode or os.environ.get(WORKER_ENV) or "fork"
-        if mode not in ("fork", "spawn"):
-            raise ValueError(f"{WORKER_ENV} must be fork or spawn, not {mode!r}")
+        mode = mode or worker_mode()
         self.fallback_reason: str | None = None
         if mode == "fork" and not (sys.platform == "linux" and hasattr(os, "fork")):
             mode, self.fallback_reason = "spawn", f"fork is not used on {sys.platform}"
