@@ -66,6 +66,8 @@ class StageContext:
     spec: StageSpec
     config: PipelineConfig
     events: EventWriter
+    # Handed to the stage's gate in memory (GateContext.from_stage); never serialised.
+    for_gate: dict[str, Any] = field(default_factory=dict)
 
     @property
     def output_dir(self) -> Path:

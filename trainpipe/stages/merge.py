@@ -7,6 +7,7 @@ import time
 from trainpipe.stages.base import StageContext, StageResult
 from trainpipe.stages.loading import dir_size_bytes, load_causal_lm, load_tokenizer, resolve_model
 from trainpipe.stages.training import finalize_output, staging_dir, write_stage_record
+from trainpipe.validators.merge_gate import reference_logits
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -19,13 +20,19 @@ def run(ctx: StageContext) -> StageResult:
     started = time.perf_counter()
     # A base loaded in 4-bit for QLoRA is re-read here in float32 (dequantized if stored quantized).
     model = load_causal_lm(base, ctx.config, full_precision=True, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model = PeftModel.from_pretrained(model, adapter).eval()
+    tokenizer = load_tokenizer(adapter, ctx.config)
+    # Gate 2's reference, from the model in hand: it then loads only the merged output, not a second model.
+    reference_started = time.perf_counter()
+    ctx.for_gate["merge_reference_logits"] = reference_logits(model, tokenizer, ctx.config)
+    reference_seconds = time.perf_counter() - reference_started
+    model = model.merge_and_unload()
     model = model.to(getattr(torch, settings.dtype))
 
     staging = staging_dir(ctx)
     model.save_pretrained(staging, safe_serialization=True)
-    load_tokenizer(adapter, ctx.config).save_pretrained(staging)
-    merge_seconds = time.perf_counter() - started
+    tokenizer.save_pretrained(staging)
+    merge_seconds = time.perf_counter() - started - reference_seconds
     metrics = {
         "base_model": base,
         "adapter_path": adapter,

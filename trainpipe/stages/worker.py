@@ -41,6 +41,8 @@ def main(argv: list[str]) -> int:
     install_preemption_handler()
     spec.fault = spec.fault or _fault_for(spec.stage)
     ctx = StageContext(spec=spec, config=config_from_snapshot(spec.config), events=EventWriter(Path(spec.events_path)))
+    # When the stage's own code starts: benchmarks/overhead.py measures process start-up up to here.
+    ctx.events.emit("started", pid=os.getpid(), preloaded="trl" in sys.modules)
     result_path = Path(spec.result_path)
     try:
         _fault_at(spec.fault, "start")
@@ -76,7 +78,8 @@ def _run_gate(ctx: StageContext, result: Any) -> dict[str, Any] | None:
     ctx.events.emit("validating", output_path=result.output_path, metrics=result.metrics,
                     log_history=result.log_history, final_model_path=result.final_model_path)
     gate_ctx = GateContext(stage=ctx.spec.stage, output_path=result.output_path, metrics=result.metrics,
-                           log_history=result.log_history, config=ctx.config, inputs=dict(ctx.spec.inputs))
+                           log_history=result.log_history, config=ctx.config, inputs=dict(ctx.spec.inputs),
+                           from_stage=ctx.for_gate)
     gate_ctx.resources = GateResources(gate_ctx)
     # The trainer and its model are out of scope by now; free their memory before the gate loads one.
     import gc

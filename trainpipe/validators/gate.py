@@ -54,6 +54,8 @@ class GateContext:
     # Generations reported by the checks that ran before this one in the same gate.
     generations: list[dict[str, str]] = field(default_factory=list)
     resources: Any = None  # validators.resources.GateResources: model(), generate(); None when torch-free
+    # What the stage computed in memory for its gate (e.g. the merge's reference logits), by name.
+    from_stage: dict[str, Any] = field(default_factory=dict)
 
     def logged(self, key: str) -> list[tuple[int, float]]:
         """(step, value) for every logged value of `key`, in order."""

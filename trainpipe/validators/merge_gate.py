@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from trainpipe.validators.gate import GateContext, Outcome
+
+if TYPE_CHECKING:
+    from trainpipe.config import PipelineConfig
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Relative to the largest |logit|: float32 agrees to rounding; half precisions lose 3-4 digits.
@@ -53,12 +57,12 @@ def tokenizer_ok(ctx: GateContext) -> Outcome:
                    details=f"vocab {len(tokenizer)}, template renders {len(rendered)} chars")
 
 
-def _equivalence_prompts(ctx: GateContext, count: int) -> list[list[dict[str, str]]]:
+def _equivalence_prompts(config: PipelineConfig) -> list[list[dict[str, str]]]:
     from trainpipe.stages.data import eval_rows, load_rows, split_prompt_completion
 
-    rows = eval_rows(ctx.config) or (load_rows(ctx.config.datasets.sft) if ctx.config.datasets.sft else [])
+    rows = eval_rows(config) or (load_rows(config.datasets.sft) if config.datasets.sft else [])
     prompts = []
-    for row in rows[:count]:
+    for row in rows[:config.validation.merge_prompts]:
         if "messages" in row:
             prompts.append(split_prompt_completion(row["messages"])["prompt"])
         elif isinstance(row.get("prompt"), str):
@@ -66,33 +70,55 @@ def _equivalence_prompts(ctx: GateContext, count: int) -> list[list[dict[str, st
     return prompts or [SAMPLE_CONVERSATION]
 
 
+def _logits(model: Any, tokenizer: Any, conversation: list[dict[str, str]]) -> Any:
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    return model(**{k: v.to(model.device) for k, v in ids.items()}).logits.float()
+
+
+def reference_logits(model: Any, tokenizer: Any, config: PipelineConfig) -> list[Any]:
+    """Logits of base + adapter, unmerged and in float32, on the equivalence prompts (on CPU).
+
+    The merge stage computes them from the model it has just loaded, right before merging it, and
+    hands them to its gate in memory (`GateContext.from_stage`): the very reference the check would
+    otherwise load a second model for. The merged model is still the one read back from disk."""
+    import torch
+
+    with torch.no_grad():
+        return [_logits(model, tokenizer, conversation).cpu() for conversation in _equivalence_prompts(config)]
+
+
 def merge_equivalence(ctx: GateContext) -> Outcome:
     """Logits of merged vs base + adapter (unmerged, float32) on fixed prompts."""
     import torch
-    from peft import PeftModel
-
-    from trainpipe.stages.loading import load_causal_lm, resolve_model
 
     merged, tokenizer = ctx.resources.model()
-    base = load_causal_lm(resolve_model(ctx.inputs["base_model"]), ctx.config, full_precision=True,
-                          dtype=torch.float32)
-    reference = PeftModel.from_pretrained(base, ctx.inputs["sft_adapter"]).eval()
+    reference = ctx.from_stage.get("merge_reference_logits")
+    source = "computed by the merge stage before merging"
+    if reference is None:  # a gate run without its stage's memory: load the reference itself
+        from peft import PeftModel
+
+        from trainpipe.stages.loading import load_causal_lm, resolve_model
+
+        base = load_causal_lm(resolve_model(ctx.inputs["base_model"]), ctx.config, full_precision=True,
+                              dtype=torch.float32)
+        reference = reference_logits(PeftModel.from_pretrained(base, ctx.inputs["sft_adapter"]).eval(), tokenizer,
+                                     ctx.config)
+        source = "loaded by the gate"
     dtype = ctx.config.merge.dtype
     tolerance = ctx.config.validation.merge_tolerance or DEFAULT_TOLERANCE[dtype]
-    prompts = _equivalence_prompts(ctx, ctx.config.validation.merge_prompts)
+    prompts = _equivalence_prompts(ctx.config)
     worst = 0.0
     worst_prompt = 0
     with torch.no_grad():
-        for index, conversation in enumerate(prompts):
-            text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-            want = reference(**{k: v.to(reference.device) for k, v in ids.items()}).logits.float()
-            got = merged(**{k: v.to(merged.device) for k, v in ids.items()}).logits.float().to(want.device)
+        for index, (conversation, want) in enumerate(zip(prompts, reference, strict=True)):
+            got = _logits(merged, tokenizer, conversation).to(want.device)
             relative = float((got - want).abs().max() / max(1.0, float(want.abs().max())))
             if not relative <= worst:
                 worst, worst_prompt = relative, index
     passed = worst <= tolerance
-    details = f"{len(prompts)} prompts, merged stored as {dtype}; worst on prompt {worst_prompt}"
+    details = (f"{len(prompts)} prompts, merged stored as {dtype}; worst on prompt {worst_prompt}; "
+               f"reference (base + adapter) {source}")
     if not passed:
         details += "; the merged weights do not match base + adapter (modified after the merge, or wrong base?)"
     return Outcome(passed, value=worst, threshold=f"<= {tolerance:g} (relative)", details=details)
