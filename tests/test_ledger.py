@@ -114,6 +114,82 @@ def test_migrations_rerun_safely(db_url: str) -> None:
     assert raw_rows(db_url, "SELECT name FROM schema_migrations ORDER BY name") == [(n,) for n, _ in MIGRATIONS]
 
 
+def test_migrations_0003_0004_upgrade_a_0002_ledger(db_url: str) -> None:
+    """A ledger from before the lookup indexes and the attempt's worker column gains both."""
+    ledger = Ledger(db_url)
+    make_run(ledger)
+    ledger.close()
+    conn = sqlite3.connect(db_file(db_url))
+    conn.executescript("DROP INDEX ix_gate_results_run; DROP INDEX ix_gate_checks_gate; DROP INDEX ix_checkpoints_run;"
+                       "DROP INDEX ix_artifacts_run; ALTER TABLE stage_attempts DROP COLUMN worker;"
+                       "DELETE FROM schema_migrations WHERE name IN ('0003_lookup_indexes', '0004_attempt_worker');")
+    conn.close()
+    assert "0004_attempt_worker" not in {n for (n,) in raw_rows(db_url, "SELECT name FROM schema_migrations")}
+
+    ledger = Ledger(db_url)
+    try:
+        attempt_id, _ = ledger.open_attempt("run-1", "sft")
+        ledger.set_attempt_process(attempt_id, 4242, "fork")
+        assert [(a["pid"], a["worker"]) for a in ledger.attempts("run-1")] == [(4242, "fork")]
+        assert ledger.get_run("run-1")["state"] == "pending"
+    finally:
+        ledger.close()
+    indexes = {name for (name,) in raw_rows(db_url, "SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"ix_gate_results_run", "ix_gate_checks_gate", "ix_checkpoints_run", "ix_artifacts_run"} <= indexes
+    assert raw_rows(db_url, "SELECT name FROM schema_migrations ORDER BY name") == [(n,) for n, _ in MIGRATIONS]
+
+
+def test_stdlib_reads_return_what_sqlalchemy_reads_return(ledger: Ledger, db_url: str) -> None:
+    """A SQLite file is read through the stdlib sqlite3 module (store/reader.py); any other URL,
+    here the same file with a query option, through SQLAlchemy. Both must decode rows alike."""
+    run_id = make_run(ledger)
+    attempt_id, _ = ledger.open_attempt(run_id, "sft", overrides={"batch_size": 4})
+    ledger.close_attempt(attempt_id, "passed", metrics={"final_loss": 0.5, "nested": [1, 2]})
+    ledger.record_gate(run_id, "sft", attempt_id, "gate1", False, [
+        {"name": "a", "passed": False, "value": {"share": 0.25}, "threshold": ">= 0.7"},
+        {"name": "b", "passed": True, "value": None, "threshold": 3},
+        {"name": "c", "passed": True, "value": 0.5, "threshold": "0.5"}])
+    ledger.record_metrics(run_id, "sft", attempt_id, [(1, "loss", 1.5), (2, "loss", float("nan"))])
+    ledger.record_checkpoint(run_id, "sft", attempt_id, 5, "/x/checkpoint-5", "0" * 64)
+    ledger.record_artifacts(run_id, "sft", [("/x/adapter.safetensors", 10, "f" * 64)])
+    through_sqlalchemy = Ledger(db_url + "?timeout=30")
+    try:
+        assert through_sqlalchemy._file is None and ledger._file is not None
+        for read in (lambda lg: lg.get_run(run_id), lambda lg: lg.list_runs(), lambda lg: lg.stages(run_id),
+                     lambda lg: lg.attempts(run_id), lambda lg: lg.attempts(run_id, "sft"),
+                     lambda lg: lg.gates(run_id), lambda lg: lg.metrics(run_id, "sft"),
+                     lambda lg: lg.checkpoints(run_id), lambda lg: lg.artifacts(run_id),
+                     lambda lg: lg.transitions(run_id), lambda lg: lg.stage_progress([run_id]),
+                     lambda lg: lg.count_runs()):
+            assert read(ledger) == read(through_sqlalchemy)
+    finally:
+        through_sqlalchemy.close()
+
+    (attempt,) = ledger.attempts(run_id)
+    assert attempt["overrides"] == {"batch_size": 4}
+    assert attempt["metrics"] == {"final_loss": 0.5, "nested": [1, 2]}
+    (gate,) = ledger.gates(run_id)
+    assert gate["passed"] is False
+    assert [(c["passed"], c["value"], c["threshold"]) for c in gate["checks"]] == [
+        (False, {"share": 0.25}, ">= 0.7"), (True, None, 3), (True, 0.5, "0.5")]
+    assert ledger.get_run(run_id)["config_snapshot"] == {"pipeline_id": "pipe", "seed": 1}
+    assert [(m["value"], m["raw"]) for m in ledger.metrics(run_id)] == [(1.5, None), (None, "nan")]
+
+
+def test_a_migrated_sqlite_ledger_is_opened_for_reading_without_sqlalchemy(ledger: Ledger, db_url: str,
+                                                                           tmp_path: Path) -> None:
+    from trainpipe.store.reader import LedgerReader, open_for_reading
+
+    make_run(ledger)
+    reader = open_for_reading(db_url)
+    assert type(reader) is LedgerReader
+    assert reader.get_run("run-1")["state"] == "pending"
+    # A file that does not exist yet, or a URL sqlite3 cannot take as is, gets the full Ledger.
+    fresh = open_for_reading(f"sqlite:///{tmp_path / 'new' / 'ledger.db'}")
+    assert isinstance(fresh, Ledger) and fresh.count_runs() == 0
+    fresh.close()
+
+
 def test_migration_0002_upgrades_a_0001_ledger_in_place(db_url: str) -> None:
     """A ledger written before error kinds existed gains the columns and keeps its rows."""
     ledger = Ledger(db_url)

@@ -28,6 +28,12 @@ def _ledger(db: str | None):
     return Ledger(db)
 
 
+def _reader(db: str | None):
+    from trainpipe.store.reader import open_for_reading
+
+    return open_for_reading(db)
+
+
 def _renderer(json_mode: bool = False):
     from trainpipe.cli.render import Renderer
 
@@ -36,7 +42,7 @@ def _renderer(json_mode: bool = False):
 
 def _drive(call, renderer, db: str | None) -> None:
     """Run `call(ledger, observer)` with live progress, then print the summary and exit with its code."""
-    from trainpipe.cli.render import ProgressObserver
+    from trainpipe.cli.progress import ProgressObserver
     from trainpipe.engine.report import run_report
 
     ledger = _ledger(db)
@@ -89,7 +95,7 @@ def status(
     """List runs. A run whose owner process is gone shows as interrupted."""
     from trainpipe.engine.report import status_rows
 
-    _renderer(json_output).status(status_rows(_ledger(db), show_all=show_all))
+    _renderer(json_output).status(status_rows(_reader(db), show_all=show_all))
 
 
 @app.command()
@@ -101,7 +107,7 @@ def inspect(
     """Everything the ledger holds about one run: config, stages, attempts, gates, transitions."""
     from trainpipe.engine.report import run_report
 
-    _renderer(json_output).inspect(run_report(_ledger(db), run_id))
+    _renderer(json_output).inspect(run_report(_reader(db), run_id))
 
 
 @app.command()

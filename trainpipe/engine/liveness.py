@@ -4,10 +4,12 @@ OOM killer, a lost machine) must show as `interrupted`, never as `running` forev
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trainpipe.engine.machine import next_state
-from trainpipe.store.ledger import HOST, Ledger, StaleState
+from trainpipe.store.reader import HOST, LedgerReader, StaleState
+
+if TYPE_CHECKING:
+    from trainpipe.store.ledger import Ledger
 
 # A heartbeat older than this means the owner is gone even if we cannot see its pid (another host).
 STALE_AFTER_S = float(os.environ.get("TRAINPIPE_STALE_AFTER_S", "120"))
@@ -40,13 +42,16 @@ def owner_gone(run: dict[str, Any], now: float) -> str | None:
     return None
 
 
-def mark_if_abandoned(ledger: Ledger, run: dict[str, Any], now: float) -> bool:
+def mark_if_abandoned(ledger: LedgerReader | Ledger, run: dict[str, Any], now: float) -> bool:
     """Compare-and-set a dead owner's run to `interrupted`; True if this call did it."""
     if run["state"] != "running":
         return False
     reason = owner_gone(run, now)
     if reason is None:
         return False
+    from trainpipe.engine.machine import next_state  # `transitions` too is for the rare write only
+
+    ledger = ledger.for_writing()  # `status` reads without SQLAlchemy; this rare write needs it
     try:
         ledger.transition_run(run["run_id"], "interrupt", lambda cur: next_state("run", cur, "interrupt"),
                               detail={"reason": reason}, expect_state="running", clear_owner=True)
@@ -60,6 +65,6 @@ def mark_if_abandoned(ledger: Ledger, run: dict[str, Any], now: float) -> bool:
     return True
 
 
-def reconcile(ledger: Ledger, runs: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+def reconcile(ledger: LedgerReader | Ledger, runs: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
     """Mark abandoned runs interrupted; return the runs with their current states."""
     return [ledger.get_run(run["run_id"]) if mark_if_abandoned(ledger, run, now) else run for run in runs]

@@ -4,14 +4,16 @@ them as tables or JSON."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainpipe.engine import liveness
 from trainpipe.paths import check_run_id
-from trainpipe.store.ledger import Ledger
+
+if TYPE_CHECKING:
+    from trainpipe.store.reader import LedgerReader
 
 
-def status_rows(ledger: Ledger, *, show_all: bool = False, limit: int = 20) -> list[dict[str, Any]]:
+def status_rows(ledger: LedgerReader, *, show_all: bool = False, limit: int = 20) -> list[dict[str, Any]]:
     now = time.time()
     runs = ledger.list_runs(limit=None if show_all else limit)
     runs = liveness.reconcile(ledger, runs, now)
@@ -36,7 +38,7 @@ def status_rows(ledger: Ledger, *, show_all: bool = False, limit: int = 20) -> l
     return rows
 
 
-def run_report(ledger: Ledger, run_id: str) -> dict[str, Any]:
+def run_report(ledger: LedgerReader, run_id: str) -> dict[str, Any]:
     run = ledger.get_run(check_run_id(run_id))
     run = liveness.reconcile(ledger, [run], time.time())[0]
     attempts = ledger.attempts(run_id)

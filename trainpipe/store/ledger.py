@@ -11,24 +11,31 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Engine, Integer, create_engine, event, func, insert, make_url, select, update
+from sqlalchemy import Column, Engine, create_engine, event, func, insert, make_url, select, text, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 
-from trainpipe.errors import LedgerError, RunNotFound, TrainpipeError
+from trainpipe.errors import LedgerError, RunNotFound
 from trainpipe.paths import dir_problem
 from trainpipe.store import schema as s
-
-HOST = socket.gethostname()
-LEDGER_HINT = "pass --db sqlite:///PATH (or set TRAINPIPE_DB) to use another ledger"
+from trainpipe.store.reader import (  # noqa: F401 - HOST, StaleState, default_db_url: imported from here too
+    HOST,
+    LEDGER_HINT,
+    MIGRATION_NAMES,
+    LedgerReader,
+    StaleState,
+    check_applied,
+    default_db_url,
+    sqlite_file,
+    sqlite_problem,
+)
 
 
 def _add_columns(*columns: Column) -> Callable[[Connection], None]:
@@ -57,13 +64,7 @@ MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0003_lookup_indexes", _add_lookup_indexes),
     ("0004_attempt_worker", _add_columns(s.stage_attempts.c.worker)),
 ]
-
-
-def default_db_url() -> str:
-    if os.environ.get("TRAINPIPE_DB"):
-        return os.environ["TRAINPIPE_DB"]
-    home = Path(os.environ.get("TRAINPIPE_HOME") or Path.home() / ".trainpipe")
-    return f"sqlite:///{home / 'ledger.db'}"
+assert tuple(name for name, _ in MIGRATIONS) == MIGRATION_NAMES, "store/reader.py lists the same steps"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -91,7 +92,9 @@ def _finite(value: Any) -> tuple[float | None, str | None]:
     return (number, None) if math.isfinite(number) else (None, repr(number))
 
 
-class Ledger:
+class Ledger(LedgerReader):
+    """The ledger, reads (inherited from LedgerReader) and writes. Writes go through SQLAlchemy."""
+
     def __init__(self, url: str | None = None):
         """Open (creating if new) and migrate a ledger. Raises LedgerError, and writes nothing, when
         the file cannot be created, is not an SQLite database, is not a trainpipe ledger, or comes
@@ -103,11 +106,14 @@ class Ledger:
             raise LedgerError(f"ledger URL '{self.url}' is not an SQLAlchemy URL",
                               hint="e.g. --db sqlite:////abs/path/ledger.db") from None
         self.where = parsed.render_as_string(hide_password=True)
+        self._file: Path | None = None
         database = parsed.database or ""
         if parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:") \
                 and not database.startswith("file:"):
             file = Path(database).expanduser()
             self.where = str(file)
+            # Read through the stdlib driver unless the URL carries options only SQLAlchemy applies.
+            self._file = file if sqlite_file(self.url) is not None else None
             if file.is_dir():
                 raise LedgerError(f"ledger {file} is a directory; --db must name a file", hint=LEDGER_HINT)
             # Only when the directory is missing: a read-only one still serves `status` and `inspect`.
@@ -118,6 +124,7 @@ class Ledger:
             self._engine: Engine = create_engine(self.url, future=True)
         except (ArgumentError, NoSuchModuleError, ImportError) as exc:
             raise LedgerError(f"ledger URL '{self.where}' cannot be used: {exc}", hint=LEDGER_HINT) from None
+        self._json_as_text = self._engine.dialect.name == "sqlite"
         if self._engine.dialect.name == "sqlite":
             event.listen(self._engine, "connect", _sqlite_pragmas)
             event.listen(self._engine, "begin", _sqlite_begin)
@@ -135,19 +142,17 @@ class Ledger:
         self._engine.dispose()
 
     def _problem(self, exc: DBAPIError) -> str:
-        """The database's complaint, as the user can act on it."""
-        text = str(exc.orig).lower()
-        if "file is not a database" in text:
-            return f"ledger {self.where} is not an SQLite database; is --db pointing at the right file?"
-        if "readonly" in text or "read-only" in text:
-            return f"ledger {self.where} is read-only; trainpipe records every run there and needs to write it"
-        if "unable to open" in text:
-            return f"ledger {self.where} cannot be opened; check the path and the permissions of its directory"
-        if "locked" in text:
-            return f"ledger {self.where} is locked by another process (waited 30 s)"
-        if "malformed" in text:
-            return f"ledger {self.where} is damaged ({exc.orig}); restore it from a backup or use another --db"
-        return f"ledger {self.where}: {exc.orig}"
+        return sqlite_problem(self.where, str(exc.orig))
+
+    def _query(self, sql: str, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
+        if self._file is not None:
+            return super()._query(sql, params)
+        with self._engine.connect() as conn:
+            result = conn.execute(text(sql), params)
+            return list(result.keys()), [tuple(row) for row in result.all()]
+
+    def for_writing(self) -> Ledger:
+        return self
 
     def _open(self) -> None:
         # Read first: a file that is not ours, or is newer than us, is refused before anything is written.
@@ -171,18 +176,8 @@ class Ledger:
     def _check_schema(self, conn: Connection) -> set[str]:
         """The migrations applied so far; LedgerError if the database is not a ledger this code can read."""
         tables = set(sa_inspect(conn).get_table_names())
-        if s.schema_migrations.name not in tables:
-            if tables:
-                shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
-                raise LedgerError(f"ledger {self.where} is a database but not a trainpipe ledger "
-                                  f"(tables: {shown}; no schema_migrations)", hint=LEDGER_HINT)
-            return set()
-        applied = set(conn.scalars(select(s.schema_migrations.c.name)))
-        unknown = applied - {name for name, _ in MIGRATIONS}
-        if unknown:
-            raise LedgerError(f"ledger {self.where} was created by a newer trainpipe (schema steps "
-                              f"{', '.join(sorted(unknown))} are unknown to this version); upgrade trainpipe",
-                              hint="pip install -U trainpipe; or " + LEDGER_HINT)
+        applied = check_applied(self.where, tables, set(conn.scalars(select(s.schema_migrations.c.name)))
+                                if s.schema_migrations.name in tables else None)
         if applied >= {name for name, _ in MIGRATIONS}:
             inspector = sa_inspect(conn)
             for table in s.metadata.sorted_tables:
@@ -303,45 +298,6 @@ class Ledger:
         with self._write() as conn:
             conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(updated_at=time.time(), **fields))
 
-    def get_run(self, run_id: str) -> dict[str, Any]:
-        with self._engine.connect() as conn:
-            row = conn.execute(select(s.runs).where(s.runs.c.run_id == run_id)).mappings().first()
-        if row is None:
-            raise RunNotFound(f"no run with id '{run_id}'", hint="`trainpipe status --all` lists runs")
-        return dict(row)
-
-    def list_runs(self, *, limit: int | None = 50, states: Iterable[str] | None = None) -> list[dict[str, Any]]:
-        query = select(s.runs.c.run_id, s.runs.c.pipeline_id, s.runs.c.state, s.runs.c.current_stage,
-                       s.runs.c.created_at, s.runs.c.updated_at, s.runs.c.finished_at, s.runs.c.owner_pid,
-                       s.runs.c.owner_host, s.runs.c.heartbeat_at, s.runs.c.output_dir, s.runs.c.error,
-                       s.runs.c.error_kind)
-        if states is not None:
-            query = query.where(s.runs.c.state.in_(list(states)))
-        query = query.order_by(s.runs.c.created_at.desc())
-        if limit:
-            query = query.limit(limit)
-        with self._engine.connect() as conn:
-            return [dict(r) for r in conn.execute(query).mappings()]
-
-    def stage_progress(self, run_ids: list[str]) -> dict[str, tuple[int, int]]:
-        """run_id -> (stages done, stages total), for the status table."""
-        if not run_ids:
-            return {}
-        done = func.sum((s.stages.c.state.in_(["passed", "skipped", "cached"])).cast(Integer))
-        query = (select(s.stages.c.run_id, done, func.count())
-                 .where(s.stages.c.run_id.in_(run_ids)).group_by(s.stages.c.run_id))
-        with self._engine.connect() as conn:
-            return {r[0]: (int(r[1] or 0), int(r[2])) for r in conn.execute(query)}
-
-    def stages(self, run_id: str) -> list[dict[str, Any]]:
-        with self._engine.connect() as conn:
-            return [dict(r) for r in conn.execute(
-                select(s.stages).where(s.stages.c.run_id == run_id).order_by(s.stages.c.position)).mappings()]
-
-    def count_runs(self) -> int:
-        with self._engine.connect() as conn:
-            return int(conn.scalar(select(func.count()).select_from(s.runs)) or 0)
-
     # ------------------------------------------------------------ attempts
 
     def open_attempt(self, run_id: str, stage: str, *, pid: int | None = None,
@@ -379,13 +335,6 @@ class Ledger:
             ).values(outcome=outcome, finished_at=time.time(), error=error))
             return result.rowcount
 
-    def attempts(self, run_id: str, stage: str | None = None) -> list[dict[str, Any]]:
-        query = select(s.stage_attempts).where(s.stage_attempts.c.run_id == run_id)
-        if stage:
-            query = query.where(s.stage_attempts.c.stage == stage)
-        with self._engine.connect() as conn:
-            return [dict(r) for r in conn.execute(query.order_by(s.stage_attempts.c.id)).mappings()]
-
     # ------------------------------------------------------------ records
 
     def record_checkpoint(self, run_id: str, stage: str, attempt_id: int, step: int, path: str,
@@ -394,13 +343,6 @@ class Ledger:
             conn.execute(insert(s.checkpoints).values(
                 run_id=run_id, stage=stage, attempt_id=attempt_id, step=step, path=path,
                 manifest_sha256=manifest_sha256, created_at=time.time()))
-
-    def checkpoints(self, run_id: str, stage: str | None = None) -> list[dict[str, Any]]:
-        query = select(s.checkpoints).where(s.checkpoints.c.run_id == run_id)
-        if stage:
-            query = query.where(s.checkpoints.c.stage == stage)
-        with self._engine.connect() as conn:
-            return [dict(r) for r in conn.execute(query.order_by(s.checkpoints.c.id)).mappings()]
 
     def record_metrics(self, run_id: str, stage: str, attempt_id: int,
                        rows: Iterable[tuple[int, str, Any]]) -> int:
@@ -413,13 +355,6 @@ class Ledger:
             with self._write() as conn:
                 conn.execute(insert(s.metrics), values)
         return len(values)
-
-    def metrics(self, run_id: str, stage: str | None = None) -> list[dict[str, Any]]:
-        query = select(s.metrics).where(s.metrics.c.run_id == run_id)
-        if stage:
-            query = query.where(s.metrics.c.stage == stage)
-        with self._engine.connect() as conn:
-            return [dict(r) for r in conn.execute(query.order_by(s.metrics.c.id)).mappings()]
 
     def record_gate(self, run_id: str, stage: str, attempt_id: int | None, gate: str, passed: bool,
                     checks: list[dict[str, Any]]) -> int:
@@ -438,15 +373,6 @@ class Ledger:
                 } for c in checks])
             return gate_id
 
-    def gates(self, run_id: str) -> list[dict[str, Any]]:
-        with self._engine.connect() as conn:
-            gates = [dict(r) for r in conn.execute(select(s.gate_results).where(
-                s.gate_results.c.run_id == run_id).order_by(s.gate_results.c.id)).mappings()]
-            for gate in gates:
-                gate["checks"] = [dict(r) for r in conn.execute(select(s.gate_checks).where(
-                    s.gate_checks.c.gate_result_id == gate["id"]).order_by(s.gate_checks.c.id)).mappings()]
-        return gates
-
     def record_artifacts(self, run_id: str, stage: str, files: Iterable[tuple[str, int, str]]) -> None:
         now = time.time()
         rows = [{"run_id": run_id, "stage": stage, "path": p, "size_bytes": n, "sha256": h, "created_at": now}
@@ -454,21 +380,3 @@ class Ledger:
         if rows:
             with self._write() as conn:
                 conn.execute(insert(s.artifacts), rows)
-
-    def artifacts(self, run_id: str) -> list[dict[str, Any]]:
-        with self._engine.connect() as conn:
-            return [dict(r) for r in conn.execute(select(s.artifacts).where(
-                s.artifacts.c.run_id == run_id).order_by(s.artifacts.c.id)).mappings()]
-
-    def transitions(self, run_id: str) -> list[dict[str, Any]]:
-        with self._engine.connect() as conn:
-            return [dict(r) for r in conn.execute(select(s.transitions).where(
-                s.transitions.c.run_id == run_id).order_by(s.transitions.c.id)).mappings()]
-
-    def integrity_check(self) -> str:
-        with self._engine.connect() as conn:
-            return str(conn.exec_driver_sql("PRAGMA integrity_check").scalar())
-
-
-class StaleState(TrainpipeError):
-    """A compare-and-set lost: the run moved since the caller looked."""

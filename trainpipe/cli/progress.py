@@ -1,0 +1,76 @@
+"""Live progress of a run in the terminal. Apart from render.py because it needs the engine's
+Observer, and `status`/`inspect` must not import the engine's run driver (it pulls in SQLAlchemy)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from trainpipe.cli.render import Renderer
+from trainpipe.engine.runner import Observer
+
+
+class ProgressObserver(Observer):
+    """Live progress bars per stage: step/total, loss, ETA."""
+
+    def __init__(self, renderer: Renderer):
+        self.renderer = renderer
+        self.console = renderer.err if renderer.json_mode else renderer.out
+        self.progress = Progress(TextColumn("{task.description:<6}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
+                                 console=self.console, transient=False)
+        self.tasks: dict[str, Any] = {}
+        self.started = False
+        self.run_id: str | None = None
+
+    def run_created(self, run_id: str, run_dir: str) -> None:
+        self.run_id = run_id
+        if self.renderer.json_mode:
+            self.console.print(f"run id: {run_id}")
+        else:
+            self.renderer.out.print(f"Run [bold]{run_id}[/]")
+            self.renderer.out.print(f"[dim]run dir: {run_dir}[/]")
+
+    def _ensure_started(self) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
+
+    def stage_started(self, stage: str, attempt: int, resumed_from: str | None) -> None:
+        self._ensure_started()
+        label = stage if attempt == 1 else f"{stage} #{attempt}"
+        self.tasks[stage] = self.progress.add_task(label, total=None, loss="")
+        if resumed_from:
+            self.progress.console.print(f"{stage}: resuming from {resumed_from}")
+
+    def stage_progress(self, stage: str, step: int, total: int, logs: dict[str, Any] | None) -> None:
+        task = self.tasks.get(stage)
+        if task is None:
+            return
+        fields: dict[str, Any] = {}
+        if logs and "loss" in logs:
+            fields["loss"] = f"loss {logs['loss']:.4f}"
+        self.progress.update(task, completed=step, total=total or None, **fields)
+
+    def stage_finished(self, stage: str, state: str, metrics: dict[str, Any], gate: Any, error: str | None) -> None:
+        task = self.tasks.get(stage)
+        if task is not None:
+            total = self.progress.tasks[task].total
+            self.progress.update(task, completed=total or 1, total=total or 1,
+                                 description=f"{stage} {state}")
+        elif state == "skipped":
+            self._ensure_started()
+            self.progress.console.print(f"{stage}: skipped (disabled)")
+        if error:
+            self.progress.console.print(f"[red]{stage}: {escape(error)}[/]", soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        self._ensure_started()
+        self.progress.console.print(f"[yellow]{escape(text)}[/]", soft_wrap=True)
+
+    def close(self) -> None:
+        if self.started:
+            self.progress.stop()
+            self.started = False

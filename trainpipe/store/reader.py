@@ -1,0 +1,248 @@
+"""The ledger's read half: every query `status`, `inspect` and the exports make, in portable SQL.
+
+Why it is separate from `Ledger` (store/ledger.py), which inherits all of it: importing SQLAlchemy
+costs ~0.35 s on a 2-core box, more than the whole budget of `trainpipe status`. So a SQLite ledger
+that is already migrated is read through the stdlib `sqlite3` module (`open_for_reading`), and
+SQLAlchemy is imported only when something must be written (a dead owner found by `status`, a
+migration) or the database is not a SQLite file. The queries are the same text either way:
+`:name` parameters are understood by both sqlite3 and SQLAlchemy's `text()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from trainpipe.errors import LedgerError, RunNotFound, TrainpipeError
+
+if TYPE_CHECKING:
+    from trainpipe.store.ledger import Ledger
+
+HOST = socket.gethostname()
+LEDGER_HINT = "pass --db sqlite:///PATH (or set TRAINPIPE_DB) to use another ledger"
+
+# The schema steps this version knows, in order; store/ledger.py pairs each with its migration.
+MIGRATION_NAMES = ("0001_initial", "0002_error_kinds", "0003_lookup_indexes", "0004_attempt_worker")
+
+# SQLite stores JSON as text and booleans as 0/1; rows are decoded by column name.
+_JSON_COLUMNS = frozenset({"config_snapshot", "overrides", "metrics", "detail", "value", "threshold"})
+_BOOL_COLUMNS = frozenset({"passed"})
+_IN_CHUNK = 500  # ids per IN (...) list: far below SQLite's host-parameter limit
+
+_RUN_LISTING = ("run_id, pipeline_id, state, current_stage, created_at, updated_at, finished_at, owner_pid, "
+                "owner_host, heartbeat_at, output_dir, error, error_kind")
+
+
+def default_db_url() -> str:
+    if os.environ.get("TRAINPIPE_DB"):
+        return os.environ["TRAINPIPE_DB"]
+    home = Path(os.environ.get("TRAINPIPE_HOME") or Path.home() / ".trainpipe")
+    return f"sqlite:///{home / 'ledger.db'}"
+
+
+class StaleState(TrainpipeError):
+    """A compare-and-set lost: the run moved since the caller looked."""
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file behind a plain `sqlite:///PATH` URL; None for anything else (another database,
+    `:memory:`, driver or query options), which only SQLAlchemy opens."""
+    if not url.startswith("sqlite:///") or "?" in url:
+        return None
+    path = url.removeprefix("sqlite:///")
+    if path in ("", ":memory:") or path.startswith("file:"):
+        return None
+    return Path(path).expanduser()
+
+
+def sqlite_problem(where: str, text: str) -> str:
+    """The database's complaint, as the user can act on it."""
+    text = text.lower()
+    if "file is not a database" in text:
+        return f"ledger {where} is not an SQLite database; is --db pointing at the right file?"
+    if "readonly" in text or "read-only" in text:
+        return f"ledger {where} is read-only; trainpipe records every run there and needs to write it"
+    if "unable to open" in text:
+        return f"ledger {where} cannot be opened; check the path and the permissions of its directory"
+    if "locked" in text:
+        return f"ledger {where} is locked by another process (waited 30 s)"
+    if "malformed" in text:
+        return f"ledger {where} is damaged ({text}); restore it from a backup or use another --db"
+    return f"ledger {where}: {text}"
+
+
+def check_applied(where: str, tables: set[str], applied: set[str] | None) -> set[str]:
+    """The migrations applied so far; LedgerError if the database is not a ledger this code reads.
+    `applied` is None when there is no schema_migrations table."""
+    if applied is None:
+        if tables:
+            shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+            raise LedgerError(f"ledger {where} is a database but not a trainpipe ledger "
+                              f"(tables: {shown}; no schema_migrations)", hint=LEDGER_HINT)
+        return set()
+    unknown = applied - set(MIGRATION_NAMES)
+    if unknown:
+        raise LedgerError(f"ledger {where} was created by a newer trainpipe (schema steps "
+                          f"{', '.join(sorted(unknown))} are unknown to this version); upgrade trainpipe",
+                          hint="pip install -U trainpipe; or " + LEDGER_HINT)
+    return applied
+
+
+def open_for_reading(url: str | None = None) -> LedgerReader | Ledger:
+    """A reader for `status` and `inspect`: the stdlib-sqlite3 one when `url` is a SQLite file that
+    is already fully migrated, else the full Ledger (which creates, migrates and validates)."""
+    url = url or default_db_url()
+    file = sqlite_file(url)
+    if file is not None and file.is_file():
+        try:
+            # mode=rw: never create the file; falls back to read-only when the OS denies writing.
+            conn = sqlite3.connect(f"file:{quote(str(file))}?mode=rw", uri=True, timeout=30)
+            try:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                applied = ({r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
+                           if "schema_migrations" in tables else None)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise LedgerError(sqlite_problem(str(file), str(exc)), hint=LEDGER_HINT) from None
+        if check_applied(str(file), tables, applied) >= set(MIGRATION_NAMES):
+            return LedgerReader(url, file)
+    from trainpipe.store.ledger import Ledger
+
+    return Ledger(url)
+
+
+class LedgerReader:
+    """Read-only queries over a ledger. Use `open_for_reading`; `Ledger` adds the writes."""
+
+    # SQLite hands JSON columns back as text; a database with a JSON type decodes them itself.
+    _json_as_text = True
+
+    def __init__(self, url: str, file: Path | None):
+        self.url = url
+        self._file = file
+        self.where = str(file) if file is not None else url
+
+    def for_writing(self) -> Ledger:
+        """The full ledger, for the rare write a reader's caller must make (a dead owner's run)."""
+        from trainpipe.store.ledger import Ledger
+
+        return Ledger(self.url)
+
+    def close(self) -> None:
+        pass
+
+    def _query(self, sql: str, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
+        # WAL lets this read run beside a writer; the timeout covers a writer checkpointing.
+        try:
+            conn = sqlite3.connect(f"file:{quote(str(self._file))}?mode=rw", uri=True, timeout=30)
+            try:
+                cursor = conn.execute(sql, params)
+                return [d[0] for d in cursor.description or ()], cursor.fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise LedgerError(sqlite_problem(self.where, str(exc)), hint=LEDGER_HINT) from None
+
+    def _read(self, sql: str, **params: Any) -> list[dict[str, Any]]:
+        """Rows of one SELECT as dicts, JSON and boolean columns decoded."""
+        columns, rows = self._query(sql, params)
+        records = [dict(zip(columns, row)) for row in rows]
+        decoders = [(c, _from_json) for c in columns if c in _JSON_COLUMNS and self._json_as_text]
+        decoders += [(c, bool) for c in columns if c in _BOOL_COLUMNS]
+        for record in records if decoders else ():
+            for column, decode in decoders:
+                if record[column] is not None:
+                    record[column] = decode(record[column])
+        return records
+
+    # ------------------------------------------------------------ runs
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        rows = self._read("SELECT * FROM runs WHERE run_id = :run_id", run_id=run_id)
+        if not rows:
+            raise RunNotFound(f"no run with id '{run_id}'", hint="`trainpipe status --all` lists runs")
+        return rows[0]
+
+    def list_runs(self, *, limit: int | None = 50, states: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Newest first, without the config snapshot (large, and a listing never needs it)."""
+        params: dict[str, Any] = {}
+        where = ""
+        if states is not None:
+            where = f"WHERE state IN ({_placeholders('state', list(states), params)})"
+        sql = f"SELECT {_RUN_LISTING} FROM runs {where} ORDER BY created_at DESC"
+        if limit:
+            sql += " LIMIT :limit"
+            params["limit"] = limit
+        return self._read(sql, **params)
+
+    def stage_progress(self, run_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """run_id -> (stages done, stages total), for the status table."""
+        progress: dict[str, tuple[int, int]] = {}
+        for start in range(0, len(run_ids), _IN_CHUNK):
+            params: dict[str, Any] = {}
+            ids = _placeholders("run", run_ids[start:start + _IN_CHUNK], params)
+            for row in self._read("SELECT run_id, SUM(CASE WHEN state IN ('passed', 'skipped', 'cached') "
+                                  f"THEN 1 ELSE 0 END) AS done, COUNT(*) AS total FROM stages "
+                                  f"WHERE run_id IN ({ids}) GROUP BY run_id", **params):
+                progress[row["run_id"]] = (int(row["done"] or 0), int(row["total"]))
+        return progress
+
+    def stages(self, run_id: str) -> list[dict[str, Any]]:
+        return self._read("SELECT * FROM stages WHERE run_id = :run_id ORDER BY position", run_id=run_id)
+
+    def count_runs(self) -> int:
+        return int(self._read("SELECT COUNT(*) AS n FROM runs")[0]["n"] or 0)
+
+    # ------------------------------------------------------------ what happened in a run
+
+    def attempts(self, run_id: str, stage: str | None = None) -> list[dict[str, Any]]:
+        return self._by_run("stage_attempts", run_id, stage)
+
+    def checkpoints(self, run_id: str, stage: str | None = None) -> list[dict[str, Any]]:
+        return self._by_run("checkpoints", run_id, stage)
+
+    def metrics(self, run_id: str, stage: str | None = None) -> list[dict[str, Any]]:
+        return self._by_run("metrics", run_id, stage)
+
+    def artifacts(self, run_id: str) -> list[dict[str, Any]]:
+        return self._by_run("artifacts", run_id)
+
+    def transitions(self, run_id: str) -> list[dict[str, Any]]:
+        return self._by_run("transitions", run_id)
+
+    def gates(self, run_id: str) -> list[dict[str, Any]]:
+        gates = self._by_run("gate_results", run_id)
+        checks = self._read("SELECT c.* FROM gate_checks c JOIN gate_results g ON c.gate_result_id = g.id "
+                            "WHERE g.run_id = :run_id ORDER BY c.id", run_id=run_id)
+        for gate in gates:
+            gate["checks"] = [c for c in checks if c["gate_result_id"] == gate["id"]]
+        return gates
+
+    def _by_run(self, table: str, run_id: str, stage: str | None = None) -> list[dict[str, Any]]:
+        if stage:
+            return self._read(f"SELECT * FROM {table} WHERE run_id = :run_id AND stage = :stage ORDER BY id",
+                              run_id=run_id, stage=stage)
+        return self._read(f"SELECT * FROM {table} WHERE run_id = :run_id ORDER BY id", run_id=run_id)
+
+    def integrity_check(self) -> str:
+        return str(self._read("PRAGMA integrity_check")[0]["integrity_check"])
+
+
+def _from_json(value: Any) -> Any:
+    # A JSON column has NUMERIC affinity in SQLite: the text '0.5' comes back as the float 0.5.
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _placeholders(prefix: str, values: list[Any], params: dict[str, Any]) -> str:
+    names = []
+    for index, value in enumerate(values):
+        params[f"{prefix}{index}"] = value
+        names.append(f":{prefix}{index}")
+    return ", ".join(names) or "NULL"
