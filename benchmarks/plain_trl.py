@@ -1,15 +1,18 @@
 """The baseline for overhead.py: the same SFT -> merge -> DPO on the same data and settings as
 configs/quickstart.yaml, as one plain script with transformers + peft + trl and nothing else
-(no ledger, no child processes, no gates, no checkpoint manifests)."""
+(no ledger, no child processes, no gates, no checkpoint manifests). Extra arguments are
+`--set`-style overrides of configs/quickstart.yaml, so that both sides do the same work."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from pathlib import Path
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, overrides: list[str]) -> None:
     started = time.perf_counter()
     import torch
     from peft import LoraConfig, PeftModel
@@ -20,8 +23,16 @@ def main(out_dir: str) -> None:
     from trainpipe.stages.data import to_hf_dataset
     from trainpipe.stages.tiny_model import ensure_tiny_model
 
+    if os.environ.get("PLAIN_GC_FREEZE") == "1":
+        # What trainpipe's pre-imported worker does before forking a stage (stages/zygote.py): with the
+        # imported objects frozen, the training loop's collections stop walking them. Off by default:
+        # a plain script does not do this; overhead.py --gc-freeze-baseline times it for equal footing.
+        import gc
+
+        gc.freeze()
+    marks = {"imports": time.perf_counter() - started}
     root = Path(__file__).resolve().parent.parent
-    config = load_config(root / "configs" / "quickstart.yaml")
+    config = load_config(root / "configs" / "quickstart.yaml", overrides=overrides)
     base = str(ensure_tiny_model())
     out = Path(out_dir)
 
@@ -47,11 +58,13 @@ def main(out_dir: str) -> None:
                      peft_config=lora(config.sft))
     sft.train()
     sft.model.save_pretrained(out / "sft-adapter")
+    marks["sft"] = time.perf_counter() - started - sum(marks.values())
 
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                                        out / "sft-adapter").merge_and_unload()
     merged.save_pretrained(out / "merged")
     tokenizer.save_pretrained(out / "merged")
+    marks["merge"] = time.perf_counter() - started - sum(marks.values())
 
     dpo = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32),
                      args=DPOConfig(**common(config.dpo, "dpo"), beta=config.dpo.beta), processing_class=tokenizer,
@@ -62,8 +75,12 @@ def main(out_dir: str) -> None:
     merged_dpo = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "merged"),
                                            out / "dpo-adapter").merge_and_unload()
     merged_dpo.save_pretrained(out / "dpo-merged")
+    marks["dpo"] = time.perf_counter() - started - sum(marks.values())
+    # One JSON line for overhead.py's phase table: seconds per phase of this script.
+    print(json.dumps({"plain_phases": {k: round(v, 2) for k, v in marks.items()}}))
     print(f"plain TRL pipeline done in {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    # plain_trl.py OUT_DIR [KEY=VALUE ...]: the same `--set` overrides the trainpipe side gets
+    main(sys.argv[1], sys.argv[2:])

@@ -140,7 +140,8 @@ class Renderer:
                 extra += f", overrides {attempt['overrides']}" if attempt["overrides"] else ""
                 kind = f" ({attempt['error_kind']})" if attempt.get("error_kind") else ""
                 extra += f", error{kind}: {attempt['error']}" if attempt["error"] else ""
-                self.out.print(f"  attempt {attempt['attempt']}: {attempt['outcome']} in "
+                worker = f" ({attempt['worker']})" if attempt.get("worker") else ""
+                self.out.print(f"  attempt {attempt['attempt']}{worker}: {attempt['outcome']} in "
                                f"{attempt['duration_s']:.1f} s{extra}", markup=False, soft_wrap=True)
                 if attempt.get("traceback"):
                     self.out.print("    " + attempt["traceback"].rstrip().replace("\n", "\n    "), markup=False,
