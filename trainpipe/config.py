@@ -51,6 +51,15 @@ class StageSettings(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     lr_scheduler_type: str = "linear"
     max_grad_norm: float = Field(1.0, gt=0)
+    report_to: list[Literal["none", "tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["none"],
+        description="Experiment trackers the trainer logs to (transformers' report_to). TensorBoard "
+                    "event files go to <run dir>/tensorboard/<stage>.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 class SFTSettings(StageSettings):

@@ -28,7 +28,7 @@ def check(config: PipelineConfig, ledger: Ledger, *, needs_base_model: bool = Tr
     """PreflightError listing every problem, or None when the run can start."""
     problems = [p for p in (output_dir_problem(config.output_dir), ledger_problem(ledger),
                             base_model_problem(config.base_model) if needs_base_model else None,
-                            upload_problem(config)) if p]
+                            upload_problem(config), *tracker_problems(config)) if p]
     if problems:
         message = problems[0] if len(problems) == 1 else (
             f"{len(problems)} problems stop this run:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -59,6 +59,24 @@ def upload_problem(config: PipelineConfig) -> str | None:
         return (f"upload_to_hub: uploading to '{config.hub_repo_id}' needs a Hub token with write access; "
                 "set HF_TOKEN (read from the environment only, never stored)")
     return None
+
+
+# report_to value -> the modules transformers can log through (any one of them will do).
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
+
+
+def tracker_problems(config: PipelineConfig) -> list[str]:
+    """A tracker named in report_to that is not installed would only fail once training starts."""
+    import importlib.util
+
+    problems = []
+    for stage in [name for name in ("sft", "dpo") if config.enabled(name)]:
+        for tracker in getattr(config, stage).report_to:
+            modules = TRACKER_MODULES.get(tracker, ())
+            if modules and not any(importlib.util.find_spec(m) for m in modules):
+                problems.append(f"{stage}.report_to: '{tracker}' needs the {' or '.join(modules)} package "
+                                f"(pip install {modules[0]}), or remove it")
+    return problems
 
 
 def base_model_problem(name: str) -> str | None:

@@ -52,7 +52,7 @@ def trainer_kwargs(ctx: StageContext, settings: Any) -> dict[str, Any]:
         save_steps=ctx.config.checkpoint_interval(ctx.spec.stage),
         seed=ctx.config.seed,
         data_seed=ctx.config.seed,
-        report_to="none",
+        report_to=_report_to(ctx, settings),
         disable_tqdm=True,
         use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
@@ -63,6 +63,15 @@ def trainer_kwargs(ctx: StageContext, settings: Any) -> dict[str, Any]:
         gradient_checkpointing=cuda,
     )
     return kwargs
+
+
+def _report_to(ctx: StageContext, settings: Any) -> list[str] | str:
+    trackers = [t for t in settings.report_to if t != "none"]
+    if "tensorboard" in trackers:
+        # transformers 5 reads the directory from the environment; one folder per stage, beside the
+        # stage outputs, so `tensorboard --logdir <run dir>/tensorboard` shows the whole run.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(ctx.spec.output_dir).parent / "tensorboard" / ctx.spec.stage)
+    return trackers or "none"
 
 
 def callbacks(ctx: StageContext) -> list[Any]:
