@@ -100,14 +100,37 @@ def status(
 
 @app.command()
 def inspect(
-    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    run_id: Annotated[str | None, typer.Argument(help="Run id.", show_default=False)] = None,
+    graph: Annotated[bool, typer.Option("--graph", help="Print the run and stage state machines as Mermaid "
+                                                        "diagrams (from the transition table itself).")] = False,
     json_output: JsonOption = False,
     db: DbOption = None,
 ) -> None:
     """Everything the ledger holds about one run: config, stages, attempts, gates, transitions."""
+    if graph:
+        from trainpipe.engine.machine import mermaid
+
+        _renderer(json_output).diagrams({kind: mermaid(kind) for kind in ("run", "stage")})
+        return
+    if run_id is None:
+        raise typer.BadParameter("give a RUN_ID (see `trainpipe status`), or --graph", param_hint="RUN_ID")
     from trainpipe.engine.report import run_report
 
     _renderer(json_output).inspect(run_report(_reader(db), run_id))
+
+
+@app.command()
+def verify(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    json_output: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """Re-hash every artifact the run recorded; exit 1 if any changed or vanished."""
+    from trainpipe.engine.verify import verify_run
+
+    report = verify_run(_reader(db), run_id)
+    _renderer(json_output).verification(report)
+    raise typer.Exit(0 if report["ok"] else EXIT_STAGE_FAILED)
 
 
 @app.command()

@@ -115,6 +115,28 @@ class Renderer:
 
     # ---------------------------------------------------------------- inspect
 
+    def verification(self, report: dict[str, Any]) -> None:
+        if self.json_mode:
+            return self.print_json(report)
+        for entry in report["artifacts"]:
+            if entry["status"] != "ok":
+                self.out.print(f"[red]{entry['status']}[/] {escape(entry['path'])} ({entry['stage']}): "
+                               f"{escape(entry['detail'])}", soft_wrap=True)
+        if not report["checked"]:
+            self.out.print(f"Run {report['run_id']} ({report['state']}) recorded no artifacts: nothing to verify.")
+        elif report["ok"]:
+            self.out.print(f"[green]ok[/]: all {report['checked']} artifacts of {report['run_id']} match the ledger")
+        else:
+            self.out.print(f"[red]{report['changed']} changed, {report['missing']} missing[/] of "
+                           f"{report['checked']} artifacts of {report['run_id']}")
+
+    def diagrams(self, diagrams: dict[str, str]) -> None:
+        if self.json_mode:
+            return self.print_json(diagrams)
+        for kind, text in diagrams.items():
+            self.out.print(f"%% {kind} states (paste into any Mermaid renderer)", markup=False)
+            self.out.print(text, markup=False)
+
     def inspect(self, report: dict[str, Any]) -> None:
         if self.json_mode:
             return self.print_json(report)

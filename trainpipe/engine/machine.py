@@ -88,3 +88,16 @@ def next_state(kind: str, current: str, trigger: str) -> str:
             f"cannot {trigger} a {kind} that is {current} (allowed from {current}: {allowed})"
         ) from None
     return subject.state
+
+
+def mermaid(kind: str) -> str:
+    """The `kind` ("run" or "stage") machine as a Mermaid state diagram, drawn from the table above
+    (`trainpipe inspect --graph`), so the picture cannot drift from what the code enforces."""
+    states, table = _TABLES[kind]
+    final = {s.value for s in RUN_FINAL} if kind == "run" else {"passed", "rejected", "skipped", "cached"}
+    lines = ["stateDiagram-v2", f"    [*] --> {states[0]}"]
+    for row in table:
+        sources = row["source"] if isinstance(row["source"], list) else [row["source"]]
+        lines += [f"    {source} --> {row['dest']}: {row['trigger']}" for source in sources]
+    lines += [f"    {state} --> [*]" for state in states if state in final]
+    return "\n".join(lines)

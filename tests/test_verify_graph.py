@@ -1,0 +1,59 @@
+"""`trainpipe verify` re-hashes a real run's artifacts; `inspect --graph` draws the transition table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import QUICKSTART, fast_overrides
+from helpers import cli
+
+from trainpipe.engine.machine import RUN_TRANSITIONS, STAGE_TRANSITIONS
+from trainpipe.store.ledger import Ledger
+
+
+def test_verify_reports_changed_and_vanished_artifacts(tmp_path: Path, db_url: str) -> None:
+    sets = fast_overrides(tmp_path / "out") + ["sft.max_steps=4", "stages.merge.enabled=false",
+                                               "stages.dpo.enabled=false"]
+    cli("run", QUICKSTART, "--db", db_url, *[a for s in sets for a in ("--set", s)], check=True)
+    ledger = Ledger(db_url)
+    (run,) = ledger.list_runs()
+    artifacts = ledger.artifacts(run["run_id"])
+    assert len(artifacts) >= 2
+
+    clean = cli("verify", run["run_id"], "--db", db_url)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert f"all {len(artifacts)} artifacts" in clean.stdout
+
+    changed, vanished = Path(artifacts[0]["path"]), Path(artifacts[1]["path"])
+    data = bytearray(changed.read_bytes())
+    data[-1] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    vanished.unlink()
+    proc = cli("verify", run["run_id"], "--db", db_url, "--json")
+
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    assert (report["ok"], report["changed"], report["missing"]) == (False, 1, 1)
+    status = {a["path"]: a["status"] for a in report["artifacts"]}
+    assert status[str(changed)] == "changed" and status[str(vanished)] == "missing"
+    assert {s for p, s in status.items() if p not in (str(changed), str(vanished))} <= {"ok"}
+    assert "changed" in cli("verify", run["run_id"], "--db", db_url).stdout
+
+
+def test_verify_unknown_run_exits_2(db_url: str) -> None:
+    proc = cli("verify", "no-such-run", "--db", db_url)
+    assert proc.returncode == 2 and "no run with id 'no-such-run'" in proc.stderr
+
+
+def test_graph_is_drawn_from_the_transition_tables() -> None:
+    proc = cli("inspect", "--graph", "--json", check=True)
+    diagrams = json.loads(proc.stdout)
+    for kind, table in (("run", RUN_TRANSITIONS), ("stage", STAGE_TRANSITIONS)):
+        want = {(source, row["dest"], row["trigger"]) for row in table
+                for source in (row["source"] if isinstance(row["source"], list) else [row["source"]])}
+        lines = diagrams[kind].splitlines()
+        assert lines[0] == "stateDiagram-v2" and lines[1] == "    [*] --> pending"
+        drawn = {(left.strip(), right.split(":")[0].strip(), right.split(":")[1].strip())
+                 for left, right in (line.split("-->") for line in lines[2:] if ":" in line)}
+        assert drawn == want
