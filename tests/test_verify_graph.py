@@ -57,3 +57,26 @@ def test_graph_is_drawn_from_the_transition_tables() -> None:
         drawn = {(left.strip(), right.split(":")[0].strip(), right.split(":")[1].strip())
                  for left, right in (line.split("-->") for line in lines[2:] if ":" in line)}
         assert drawn == want
+
+
+def test_inspect_draws_curves_as_sparklines_and_into_a_png(tmp_path: Path, db_url: str) -> None:
+    sets = fast_overrides(tmp_path / "out")
+    cli("run", QUICKSTART, "--db", db_url, *[a for s in sets for a in ("--set", s)], check=True)
+    (run,) = Ledger(db_url).list_runs()
+
+    text = cli("inspect", run["run_id"], "--db", db_url, check=True).stdout
+    loss_lines = [line for line in text.splitlines() if line.strip().startswith("loss ")]
+    assert len(loss_lines) == 2, text  # SFT and DPO
+    assert any(line.strip().startswith("rewards/margins") for line in text.splitlines())
+    assert all(set(line.split()[1]) <= set("▁▂▃▄▅▆▇█") for line in loss_lines)
+    report = json.loads(cli("inspect", run["run_id"], "--db", db_url, "--json", check=True).stdout)
+    sft_curve = next(s for s in report["stages"] if s["name"] == "sft")["curves"]["loss"]
+    assert [step for step, _ in sft_curve] == list(range(1, 13))  # logging_steps 1, 12 steps
+
+    png = tmp_path / "curves.png"
+    proc = cli("inspect", run["run_id"], "--db", db_url, "--plot", str(png), check=True)
+    assert f"plot written to {png}" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    bad = cli("inspect", run["run_id"], "--db", db_url, "--plot", str(tmp_path / "curves.txt"))
+    assert bad.returncode == 2 and "give a .png, .svg or .pdf" in bad.stderr and "Traceback" not in bad.stderr

@@ -103,6 +103,9 @@ def inspect(
     run_id: Annotated[str | None, typer.Argument(help="Run id.", show_default=False)] = None,
     graph: Annotated[bool, typer.Option("--graph", help="Print the run and stage state machines as Mermaid "
                                                         "diagrams (from the transition table itself).")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw loss curves and DPO reward margins "
+                                                            "into FILE.png (needs matplotlib).",
+                                              metavar="FILE.png", show_default=False)] = None,
     json_output: JsonOption = False,
     db: DbOption = None,
 ) -> None:
@@ -116,7 +119,14 @@ def inspect(
         raise typer.BadParameter("give a RUN_ID (see `trainpipe status`), or --graph", param_hint="RUN_ID")
     from trainpipe.engine.report import run_report
 
-    _renderer(json_output).inspect(run_report(_reader(db), run_id))
+    report = run_report(_reader(db), run_id)
+    if plot is not None:
+        from trainpipe.cli.plots import plot_run
+
+        plot_run(report, plot)
+    _renderer(json_output).inspect(report)
+    if plot is not None and not json_output:
+        _renderer().out.print(f"plot written to {plot}", markup=False)
 
 
 @app.command()

@@ -34,6 +34,18 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 48) -> str:
+    """The curve in one line of block characters, resampled to at most `width` of them."""
+    if len(values) > width:
+        values = [values[int(i * len(values) / width)] for i in range(width)]
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - low) / span * len(SPARK)))] for v in values)
+
+
 def _state(state: str) -> str:
     return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
 
@@ -174,6 +186,10 @@ class Renderer:
                                markup=False)
             if stage["checkpoints"]:
                 self.out.print("  checkpoints: " + ", ".join(f"step {c['step']}" for c in stage["checkpoints"]))
+            for name, points in stage.get("curves", {}).items():
+                values = [v for _, v in points]
+                self.out.print(f"  {name:<18} {sparkline(values)}  {_short(values[0])} -> {_short(values[-1])} "
+                               f"over {len(values)} logged steps", markup=False)
             if stage["gate"]:
                 self._gate_table(stage["gate"]["name"], stage["gate"]["checks"], stage["gate"]["passed"])
         self.out.rule("transitions")

@@ -44,6 +44,7 @@ def run_report(ledger: LedgerReader, run_id: str) -> dict[str, Any]:
     attempts = ledger.attempts(run_id)
     checkpoints = ledger.checkpoints(run_id)
     gates = ledger.gates(run_id)
+    curves = _curves(ledger.metrics(run_id))
     stages = []
     for stage in ledger.stages(run_id):
         name = stage["name"]
@@ -65,6 +66,7 @@ def run_report(ledger: LedgerReader, run_id: str) -> dict[str, Any]:
             } for a in mine],
             "checkpoints": [{"step": c["step"], "path": c["path"], "attempt_id": c["attempt_id"]}
                             for c in checkpoints if c["stage"] == name],
+            "curves": curves.get(name, {}),
             "gate": None if gate is None else {
                 "name": gate["gate"], "passed": bool(gate["passed"]),
                 "checks": [{k: c[k] for k in ("name", "passed", "severity", "mode", "value", "threshold",
@@ -88,3 +90,18 @@ def run_report(ledger: LedgerReader, run_id: str) -> dict[str, Any]:
         "transitions": [{k: t[k] for k in ("id", "stage", "from_state", "to_state", "trigger", "at", "pid",
                                            "host", "detail")} for t in ledger.transitions(run_id)],
     }
+
+
+# What `inspect` draws per stage (sparklines, --plot): the training loss and DPO's reward margins.
+CURVES = ("loss", "rewards/margins", "rewards/accuracies")
+
+
+def _curves(metrics: list[dict[str, Any]]) -> dict[str, dict[str, list[list[float]]]]:
+    """stage -> metric -> [[step, value], ...]. A resumed stage logged some steps twice (once per
+    attempt): the later attempt's value wins, as it is the one the final weights descend from."""
+    by_step: dict[str, dict[str, dict[int, float]]] = {}
+    for row in metrics:  # in id order, so later attempts overwrite earlier ones
+        if row["name"] in CURVES and row["value"] is not None:
+            by_step.setdefault(row["stage"], {}).setdefault(row["name"], {})[row["step"]] = row["value"]
+    return {stage: {name: [[step, values[step]] for step in sorted(values)] for name, values in series.items()}
+            for stage, series in by_step.items()}
