@@ -80,3 +80,15 @@ def test_inspect_draws_curves_as_sparklines_and_into_a_png(tmp_path: Path, db_ur
 
     bad = cli("inspect", run["run_id"], "--db", db_url, "--plot", str(tmp_path / "curves.txt"))
     assert bad.returncode == 2 and "give a .png, .svg or .pdf" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_gpu_memory_fraction_is_recorded_per_attempt(tmp_path: Path, db_url: str) -> None:
+    import torch
+
+    sets = fast_overrides(tmp_path / "out") + ["sft.max_steps=2", "stages.merge.enabled=false",
+                                               "stages.dpo.enabled=false", "gpu_memory_fraction=0.5"]
+    cli("run", QUICKSTART, "--db", db_url, *[a for s in sets for a in ("--set", s)], check=True)
+    (run,) = Ledger(db_url).list_runs()
+    (attempt,) = Ledger(db_url).attempts(run["run_id"])
+    # Applied (and so recorded) only where there is CUDA memory to cap.
+    assert attempt["metrics"]["gpu_memory_fraction"] == (0.5 if torch.cuda.is_available() else None)

@@ -46,7 +46,9 @@ def main(argv: list[str]) -> int:
     result_path = Path(spec.result_path)
     try:
         _fault_at(spec.fault, "start")
+        memory_fraction = _limit_gpu_memory(ctx.config.gpu_memory_fraction)
         result = importlib.import_module(STAGES[spec.stage]).run(ctx)
+        result.metrics["gpu_memory_fraction"] = memory_fraction
         _tamper_output_if_asked(spec.fault, result.output_path)
         _fault_at(spec.fault, "gate")
         gate = _run_gate(ctx, result)
@@ -65,6 +67,19 @@ def main(argv: list[str]) -> int:
         return 2 if failure.kind == USER else 1
     write_json_atomic(result_path, {"ok": True, **asdict(result), "gate": gate})
     return 0
+
+
+def _limit_gpu_memory(fraction: float) -> float | None:
+    """Cap this process's share of GPU memory (the caching allocator raises OOM beyond it), so that
+    other work on the GPU keeps its share; recorded with the stage's metrics. None on a machine
+    without CUDA, where there is nothing to cap."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    # Initialises CUDA in this stage process only: the pre-imported worker that forked it never does.
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    return fraction
 
 
 def _run_gate(ctx: StageContext, result: Any) -> dict[str, Any] | None:
