@@ -388,3 +388,16 @@ def test_status_finding_a_dead_owner_writes_through_the_full_ledger(ledger: Ledg
     assert proc.returncode == 0, proc.stderr
     assert ledger.get_run(run_id)["state"] == "interrupted"
     assert [a["outcome"] for a in ledger.attempts(run_id)] == ["interrupted"]
+
+
+def test_shell_completion_completes_commands() -> None:
+    env = {**os.environ, "_TRAINPIPE_COMPLETE": "complete_bash", "COMP_WORDS": "trainpipe ins", "COMP_CWORD": "1"}
+    # Completion is keyed on the program name, so it goes through the installed console script.
+    console_script = str(Path(sys.executable).parent / "trainpipe")
+    proc = subprocess.run([console_script], capture_output=True, text=True, env=env, timeout=60)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["inspect"]
+    script = subprocess.run([console_script, "--show-completion", "bash"],
+                            capture_output=True, text=True, timeout=60)
+    assert script.returncode == 0 and "_TRAINPIPE_COMPLETE=complete_bash" in script.stdout

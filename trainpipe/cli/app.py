@@ -11,7 +11,7 @@ import typer
 
 from trainpipe.errors import EXIT_INTERRUPTED, EXIT_STAGE_FAILED, TrainpipeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproducible, resumable SFT -> merge -> DPO pipelines with validation gates.")
 
 DbOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the ledger [env: TRAINPIPE_DB].",
