@@ -56,14 +56,21 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set sft.learning_rate=1e-4")] = None,
     sft_dataset: Annotated[str | None, typer.Option("--sft-dataset", help="SFT JSONL (overrides datasets.sft).")] = None,
     preference_dataset: Annotated[str | None, typer.Option("--preference-dataset", help="Preference JSONL.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Train every stage; reuse no earlier output.")] = False,
+    from_stage: Annotated[str | None, typer.Option("--from-stage", help="Train this stage and every later one; "
+                                                   "earlier ones may come from the cache.")] = None,
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Start a new run. Exit codes: 0 ok, 1 stage failed, 2 bad input, 3 gate rejected, 130 interrupted."""
+    """Start a new run. Exit codes: 0 ok, 1 stage failed, 2 bad input, 3 gate rejected, 130 interrupted.
+
+    A stage whose fingerprint (settings, inputs, versions) matches a stage that passed in an earlier
+    run, and whose files still verify, is reused (`cached`) instead of trained."""
     from trainpipe import api
 
     _drive(lambda ledger, observer: api.run(config, ledger=ledger, overrides=set_ or [], sft_dataset=sft_dataset,
-                                            preference_dataset=preference_dataset, observer=observer),
+                                            preference_dataset=preference_dataset, observer=observer,
+                                            use_cache=not no_cache, from_stage=from_stage),
            _renderer(json_output), db)
 
 

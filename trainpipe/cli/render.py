@@ -49,6 +49,20 @@ def _short(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _source(stage: dict[str, Any]) -> str:
+    """Trained here, or reused from where (inspect and the run summary)."""
+    if stage.get("source") == "cached":
+        origin = stage["cached_from"]
+        trained = origin.get("trained_in")
+        where = f"run {origin['run_id']} (stage {origin['stage']})"
+        if trained and trained != origin["run_id"]:
+            where += f", trained in run {trained}"
+        return f"reused from {where}: nothing trained"
+    if stage.get("source") == "trained":
+        return "trained in this run"
+    return "not run"
+
+
 class Renderer:
     def __init__(self, json_mode: bool = False):
         self.json_mode = json_mode
@@ -135,6 +149,11 @@ class Renderer:
             self.out.rule(f"stage {stage['name']}")
             self.out.print(f"state {_state(stage['state'])}, attempts {stage['attempts']}, "
                            f"output {stage['output_path'] or '-'}")
+            self.out.print(f"  {_source(stage)}", markup=False, soft_wrap=True)
+            if stage.get("cache_note"):
+                self.out.print(f"  cache: {stage['cache_note']}", markup=False, soft_wrap=True)
+            if stage.get("fingerprint"):
+                self.out.print(f"  fingerprint: {stage['fingerprint']}", markup=False)
             for attempt in stage["attempt_history"]:
                 extra = f", resumed from {attempt['resumed_from']}" if attempt["resumed_from"] else ""
                 extra += f", overrides {attempt['overrides']}" if attempt["overrides"] else ""
@@ -152,7 +171,8 @@ class Renderer:
             if stage["checkpoints"]:
                 self.out.print("  checkpoints: " + ", ".join(f"step {c['step']}" for c in stage["checkpoints"]))
             if stage["gate"]:
-                self._gate_table(stage["gate"]["name"], stage["gate"]["checks"], stage["gate"]["passed"])
+                self._gate_table(stage["gate"]["name"], stage["gate"]["checks"], stage["gate"]["passed"],
+                                 carried_from=stage["gate"].get("carried_from"))
         self.out.rule("transitions")
         table = Table()
         for column in ("#", "time", "stage", "from", "to", "trigger", "pid"):
@@ -162,8 +182,10 @@ class Renderer:
                           t["to_state"], t["trigger"], str(t["pid"]))
         self.out.print(table)
 
-    def _gate_table(self, name: str, checks: list[dict[str, Any]], passed: bool, only_failed: bool = False) -> None:
-        table = Table(title=f"gate {name}: {'passed' if passed else 'REJECTED'}")
+    def _gate_table(self, name: str, checks: list[dict[str, Any]], passed: bool, only_failed: bool = False,
+                    carried_from: str | None = None) -> None:
+        carried = f" (carried over from run {carried_from}, not re-run)" if carried_from else ""
+        table = Table(title=f"gate {name}: {'passed' if passed else 'REJECTED'}{carried}")
         for column in ("check", "result", "value", "threshold", "time", "details"):
             table.add_column(column)
         for check in checks:
@@ -191,10 +213,15 @@ class Renderer:
             value = f"{key}={_short(metrics.get(key))}" if key in metrics else "-"
             took = sum(a["duration_s"] for a in stage["attempt_history"])
             gate = stage["gate"]
+            verdict = "-" if gate is None else ("passed" if gate["passed"] else "[red]rejected[/]")
+            if gate is not None and gate.get("carried_from"):
+                verdict += " (carried over)"
             table.add_row(stage["name"], _state(stage["state"]), str(stage["attempts"]),
-                          f"{took:.1f}s" if stage["attempts"] else "-", value,
-                          "-" if gate is None else ("passed" if gate["passed"] else "[red]rejected[/]"))
+                          f"{took:.1f}s" if stage["attempts"] else "-", value, verdict)
         self.out.print(table)
+        for stage in report["stages"]:
+            if stage["state"] == "cached":
+                self.out.print(f"{stage['name']}: {_source(stage)}", markup=False, soft_wrap=True)
         if result.rejected_gate is not None:
             gate = result.rejected_gate
             self._gate_table(gate.gate, gate.as_rows(), False, only_failed=True)
@@ -267,6 +294,9 @@ class ProgressObserver(Observer):
         elif state == "skipped":
             self._ensure_started()
             self.progress.console.print(f"{stage}: skipped (disabled)")
+        elif state == "cached":
+            self._ensure_started()
+            self.progress.console.print(f"{stage}: [green]cached[/]")
         if error:
             self.progress.console.print(f"[red]{stage}: {escape(error)}[/]", soft_wrap=True)
 

@@ -19,7 +19,8 @@ from typing import Any, NamedTuple
 
 from trainpipe import checkpoints, failures
 from trainpipe.config import STAGE_ORDER, PipelineConfig, config_from_snapshot, ineffective_overrides, load_config
-from trainpipe.engine import liveness, preflight
+from trainpipe.engine import cache, liveness, preflight
+from trainpipe.engine.fingerprint import base_model_identity, stage_fingerprint, upstream_stage
 from trainpipe.engine.exports import write_exports
 from trainpipe.engine.machine import RUN_RESUMABLE, STAGE_DONE, RunState, next_state
 from trainpipe.engine.supervisor import ChildOutcome, run_child
@@ -29,6 +30,7 @@ from trainpipe.errors import (
     EXIT_OK,
     EXIT_STAGE_FAILED,
     EXIT_USAGE,
+    ConfigError,
     IllegalTransition,
     RunOwned,
 )
@@ -79,10 +81,17 @@ def new_run_id(pipeline_id: str) -> str:
 
 def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = None,
           sft_dataset: str | None = None, preference_dataset: str | None = None,
-          observer: Observer | None = None, run_id: str | None = None) -> RunResult:
-    """Validate everything, then create and drive a new run. Bad input raises before any write."""
-    config = load_config(config_path, overrides=overrides, sft_dataset=sft_dataset,
-                         preference_dataset=preference_dataset)
+          observer: Observer | None = None, run_id: str | None = None, use_cache: bool = True,
+          from_stage: str | None = None, config: PipelineConfig | None = None) -> RunResult:
+    """Validate everything, then create and drive a new run. Bad input raises before any write.
+
+    `use_cache=False` trains every stage; `from_stage` trains that stage and every later one, and
+    lets earlier ones come from the cache. `config`, when given, is the already loaded `config_path`
+    (a sweep trial's)."""
+    if config is None:
+        config = load_config(config_path, overrides=overrides, sft_dataset=sft_dataset,
+                             preference_dataset=preference_dataset)
+    check_from_stage(config, from_stage, config_path)
     validate_inputs(config)
     preflight.check(config, ledger)
     run_id = check_run_id(run_id or new_run_id(config.pipeline_id))
@@ -90,7 +99,8 @@ def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = Non
     observer = observer or Observer()
     ledger.create_run(run_id=run_id, pipeline_id=config.pipeline_id, config_snapshot=config.model_dump(mode="json"),
                       config_path=str(Path(config_path).resolve()), output_dir=config.output_dir,
-                      run_dir=str(run_dir), stages=[name for name in STAGE_ORDER])
+                      run_dir=str(run_dir), stages=[name for name in STAGE_ORDER],
+                      cache_policy={"use_cache": use_cache, "from_stage": from_stage})
     observer.run_created(run_id, str(run_dir))
     # After the run id: scripts read it from the first line of the output.
     for note in ineffective_overrides(config, overrides or []):
@@ -121,6 +131,15 @@ def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None) -> 
     observer = observer or Observer()
     observer.run_created(run_id, run["run_dir"])
     return _drive(ledger, run_id, observer)
+
+
+def check_from_stage(config: PipelineConfig, from_stage: str | None, source: str) -> None:
+    if from_stage is None:
+        return
+    if from_stage not in STAGE_ORDER:
+        raise ConfigError(f"--from-stage {from_stage}: no such stage; use one of {', '.join(STAGE_ORDER)}")
+    if not config.enabled(from_stage):
+        raise ConfigError(f"--from-stage {from_stage}: stage '{from_stage}' is disabled in {source}")
 
 
 def validate_inputs(config: PipelineConfig) -> None:
@@ -196,9 +215,12 @@ def _drive(ledger: Ledger, run_id: str, observer: Observer, fault_point: str | N
             if fault_point:
                 _fault_point(fault_point)
             run_dir.mkdir(parents=True, exist_ok=True)
+            fingerprints: dict[str, str | None] = {}
+            base_identity: list[dict[str, Any]] = []  # computed once, by the first stage that needs it
             for stage_row in ledger.stages(run_id):
                 name = stage_row["name"]
                 if stage_row["state"] in STAGE_DONE:
+                    fingerprints[name] = stage_row["fingerprint"]
                     continue
                 if stop.requested:
                     return _finish(ledger, run_id, "interrupt", EXIT_INTERRUPTED, errors, observer)
@@ -206,6 +228,11 @@ def _drive(ledger: Ledger, run_id: str, observer: Observer, fault_point: str | N
                     ledger.transition_stage(run_id, name, "skip", _fsm("stage", "skip"),
                                             detail={"reason": "disabled in config"})
                     observer.stage_finished(name, "skipped", {}, None, None)
+                    continue
+                if not base_identity:
+                    base_identity.append(base_model_identity(config.base_model))
+                fingerprints[name] = _fingerprint(config, name, fingerprints, base_identity[0])
+                if _reuse_cached(ledger, run, config, stage_row, fingerprints[name], observer):
                     continue
                 end = _run_stage(ledger, run_id, config, run_dir, name, observer, stop)
                 if end.error:
@@ -252,7 +279,7 @@ def _finish(ledger: Ledger, run_id: str, trigger: str, exit_code: int, errors: l
 
 
 def _stage_inputs(ledger: Ledger, run_id: str, config: PipelineConfig, name: str) -> dict[str, str | None]:
-    outputs = {s["name"]: s["output_path"] for s in ledger.stages(run_id) if s["state"] == "passed"}
+    outputs = {s["name"]: s["output_path"] for s in ledger.stages(run_id) if s["state"] in ("passed", "cached")}
     if name == "sft":
         return {"base_model": config.base_model}
     if name == "merge":
@@ -263,6 +290,62 @@ def _stage_inputs(ledger: Ledger, run_id: str, config: PipelineConfig, name: str
         # merge disabled: DPO continues the SFT adapter on the base, against the frozen SFT policy
         return {"policy_model": config.base_model, "policy_adapter": outputs["sft"]}
     return {"policy_model": config.base_model}
+
+
+def _fingerprint(config: PipelineConfig, name: str, fingerprints: dict[str, str | None],
+                 base_identity: dict[str, Any]) -> str | None:
+    up = upstream_stage(config, name)
+    if up is not None and fingerprints.get(up) is None:
+        return None  # its input came from a stage run before this ledger had fingerprints: unknown
+    return stage_fingerprint(config, name, fingerprints.get(up) if up else None, base_model=base_identity)
+
+
+def _reuse_cached(ledger: Ledger, run: dict[str, Any], config: PipelineConfig, stage_row: dict[str, Any],
+                  fingerprint: str | None, observer: Observer) -> bool:
+    """Record the stage's fingerprint; make it `cached` from an earlier run's verified output if the
+    run's cache policy allows. True when the stage was reused (nothing to train)."""
+    run_id, name = run["run_id"], stage_row["name"]
+    if stage_row["state"] != "pending":
+        # Started in this run already (a resume): it continues from its own checkpoints, and keeps the
+        # note on why it was trained.
+        ledger.set_stage_cache_info(run_id, name, fingerprint=fingerprint, cache_note=stage_row["cache_note"])
+        return False
+    policy = run.get("cache_policy") or {"use_cache": True, "from_stage": None}
+    from_stage = policy.get("from_stage")
+    note: str | None = None
+    hit = None
+    if fingerprint is None:
+        note = f"not looked up: the {upstream_stage(config, name)} output it reads has no fingerprint"
+    elif not policy.get("use_cache", True):
+        note = "not looked up: cache disabled for this run (--no-cache)"
+    elif from_stage and STAGE_ORDER.index(name) >= STAGE_ORDER.index(from_stage):
+        note = f"not looked up: rerun requested from stage {from_stage} (--from-stage)"
+    else:
+        hit, problems = cache.find(ledger, run_id, name, fingerprint)
+        if hit is None and problems:
+            note = "not reused: " + "; ".join(problems)
+    ledger.set_stage_cache_info(run_id, name, fingerprint=fingerprint, cache_note=note)
+    if hit is None:
+        if note and note.startswith("not reused"):
+            observer.note(f"{name}: an earlier output was {note}; training it again")
+        return False
+    source = hit.candidate
+    run_dir = run["run_dir"]
+    output_dir = inside(run_dir, OUTPUT_DIRS[name])
+    how = cache.link_into(Path(source["output_path"]), hit.files, output_dir)
+    metrics, origin = cache.origin_metrics(ledger, source["run_id"], name, run_dir)
+    ledger.reuse_stage(run_id, name, _fsm("stage", "reuse_cached"), source_run=source["run_id"],
+                       output_path=str(output_dir),
+                       files=[(str(output_dir / rel), size, digest) for rel, size, digest in hit.files],
+                       final_model_path=metrics.get("final_model_path"),
+                       detail={"fingerprint": fingerprint, "source_run": source["run_id"], "trained_in": origin,
+                               "source_path": source["output_path"], "files": len(hit.files), "linked_by": how})
+    _fault_point(f"{name}:cached")
+    observer.stage_finished(name, "cached", metrics, None, None)
+    trained = "" if origin == source["run_id"] else f", trained in {origin}"
+    observer.note(f"{name}: reused from run {source['run_id']}{trained} (same fingerprint, files verified; "
+                  "gate result carried over)")
+    return True
 
 
 def newest_verified_checkpoint(ledger: Ledger, run_id: str, stage: str) -> tuple[str | None, list[str]]:

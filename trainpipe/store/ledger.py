@@ -43,12 +43,22 @@ def _add_columns(*columns: Column) -> Callable[[Connection], None]:
     return apply
 
 
+def _stage_cache(conn: Connection) -> None:
+    _add_columns(s.stages.c.fingerprint, s.stages.c.cached_from_run, s.stages.c.cached_from_stage,
+                 s.stages.c.cache_note, s.gate_results.c.carried_from, s.runs.c.cache_policy)(conn)
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_stages_fingerprint ON stages (fingerprint)")
+
+
 # Ordered, named migrations; each runs once and is recorded. New ones go at the end. A ledger that
 # has a name this list lacks was written by a newer trainpipe and is refused, not guessed at.
+# Names are matched as a set, not by position, and every step checks before it adds: a gap in the
+# numbering (0003 and 0004 belong to another branch) is harmless, and so is a step merged in later
+# that sorts before one a ledger already has.
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_initial", lambda conn: s.metadata.create_all(conn)),
     ("0002_error_kinds", _add_columns(s.runs.c.error_kind, s.runs.c.error_traceback,
                                       s.stage_attempts.c.error_kind, s.stage_attempts.c.error_traceback)),
+    ("0005_stage_cache", _stage_cache),
 ]
 
 
@@ -213,14 +223,14 @@ class Ledger:
 
     def create_run(self, *, run_id: str, pipeline_id: str, config_snapshot: dict[str, Any],
                    config_path: str | None, output_dir: str, run_dir: str,
-                   stages: Iterable[str]) -> None:
+                   stages: Iterable[str], cache_policy: dict[str, Any] | None = None) -> None:
         """Insert a pending run with its stages pending, and the `create` transition."""
         now = time.time()
         with self._write() as conn:
             conn.execute(insert(s.runs).values(
                 run_id=run_id, pipeline_id=pipeline_id, state="pending", config_path=config_path,
                 config_snapshot=config_snapshot, output_dir=output_dir, run_dir=run_dir,
-                created_at=now, updated_at=now))
+                created_at=now, updated_at=now, cache_policy=cache_policy))
             for position, name in enumerate(stages):
                 conn.execute(insert(s.stages).values(run_id=run_id, name=name, position=position,
                                                      state="pending", updated_at=now))
@@ -283,6 +293,89 @@ class Ledger:
             conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(**run_values))
             self._append_transition(conn, run_id, stage, current, new, trigger, detail)
             return new
+
+    # ------------------------------------------------------------ stage cache
+
+    def set_stage_cache_info(self, run_id: str, stage: str, *, fingerprint: str | None,
+                             cache_note: str | None) -> None:
+        """Record a stage's fingerprint (computed before it runs) and why no earlier output was reused."""
+        with self._write() as conn:
+            conn.execute(update(s.stages).where(s.stages.c.run_id == run_id, s.stages.c.name == stage)
+                         .values(fingerprint=fingerprint, cache_note=cache_note))
+
+    def cache_candidates(self, stage: str, fingerprint: str, *, exclude_run: str) -> list[dict[str, Any]]:
+        """Stages of other runs with this fingerprint that passed (or were themselves reused), newest
+        first, with their run's run_dir. Whether their files still verify is the caller's to check."""
+        query = (select(s.stages, s.runs.c.run_dir)
+                 .join(s.runs, s.runs.c.run_id == s.stages.c.run_id)
+                 .where(s.stages.c.fingerprint == fingerprint, s.stages.c.name == stage,
+                        s.stages.c.state.in_(["passed", "cached"]), s.stages.c.run_id != exclude_run)
+                 .order_by(s.stages.c.updated_at.desc()))
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def reuse_stage(self, run_id: str, stage: str, resolve: Callable[[str], str], *, source_run: str,
+                    output_path: str, files: Iterable[tuple[str, int, str]], final_model_path: str | None,
+                    detail: dict[str, Any]) -> str:
+        """Make a stage `cached` in one transaction: the transition (a compare-and-set like any
+        other), the link to the source run's stage, the artifacts now in this run's dir, the source's
+        gate result carried over (marked so), and the run's final model path."""
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute(select(s.stages.c.state).where(
+                s.stages.c.run_id == run_id, s.stages.c.name == stage).with_for_update()).first()
+            if row is None:
+                raise RunNotFound(f"run '{run_id}' has no stage '{stage}'")
+            new = resolve(row.state)
+            conn.execute(update(s.stages).where(s.stages.c.run_id == run_id, s.stages.c.name == stage).values(
+                state=new, updated_at=now, output_path=output_path, cached_from_run=source_run,
+                cached_from_stage=stage, cache_note=None))
+            rows = [{"run_id": run_id, "stage": stage, "path": p, "size_bytes": n, "sha256": h, "created_at": now}
+                    for p, n, h in files]
+            if rows:
+                conn.execute(insert(s.artifacts), rows)
+            gate = conn.execute(select(s.gate_results).where(
+                s.gate_results.c.run_id == source_run, s.gate_results.c.stage == stage)
+                .order_by(s.gate_results.c.id.desc())).mappings().first()
+            if gate is not None:
+                gate_id = conn.execute(insert(s.gate_results).values(
+                    run_id=run_id, stage=stage, attempt_id=None, gate=gate["gate"], passed=gate["passed"],
+                    created_at=now, carried_from=source_run)).inserted_primary_key[0]
+                checks = conn.execute(select(s.gate_checks).where(s.gate_checks.c.gate_result_id == gate["id"])
+                                      .order_by(s.gate_checks.c.id)).mappings().all()
+                if checks:
+                    conn.execute(insert(s.gate_checks), [
+                        {**{k: v for k, v in c.items() if k not in ("id", "gate_result_id")}, "gate_result_id": gate_id}
+                        for c in checks])
+            run_values: dict[str, Any] = {"updated_at": now}
+            if final_model_path is not None:
+                run_values["final_model_path"] = final_model_path
+            conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(**run_values))
+            self._append_transition(conn, run_id, stage, row.state, new, "reuse_cached", detail)
+            return new
+
+    def trained_origin(self, run_id: str, stage: str) -> dict[str, Any] | None:
+        """For a `cached` stage, the run that trained it (following reuse of reuse) and that run's last
+        attempt; None for a stage that was not reused, or whose origin is no longer in the ledger."""
+        seen = set()
+        with self._engine.connect() as conn:
+            current = run_id
+            while current not in seen:
+                seen.add(current)
+                row = conn.execute(select(s.stages.c.state, s.stages.c.cached_from_run).where(
+                    s.stages.c.run_id == current, s.stages.c.name == stage)).first()
+                if row is None:
+                    return None
+                if row.state != "cached":
+                    if current == run_id:
+                        return None
+                    attempt = conn.execute(select(s.stage_attempts).where(
+                        s.stage_attempts.c.run_id == current, s.stage_attempts.c.stage == stage)
+                        .order_by(s.stage_attempts.c.id.desc())).mappings().first()
+                    run_dir = conn.scalar(select(s.runs.c.run_dir).where(s.runs.c.run_id == current))
+                    return {"run_id": current, "run_dir": run_dir, "attempt": dict(attempt) if attempt else None}
+                current = row.cached_from_run
+        return None
 
     def heartbeat(self, run_id: str) -> bool:
         """Refresh the owner's heartbeat; False if this process no longer owns the run."""

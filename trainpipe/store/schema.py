@@ -39,6 +39,8 @@ runs = Table(
     Column("error", Text),
     Column("error_kind", String(16)),  # user, transient, bug (trainpipe/failures.py); migration 0002
     Column("error_traceback", Text),   # kept for `bug`: what `inspect` shows
+    # migration 0005: {"use_cache": bool, "from_stage": str | None}; a resume keeps the run's choice
+    Column("cache_policy", JSON),
 )
 Index("ix_runs_created", runs.c.created_at)
 
@@ -50,7 +52,13 @@ stages = Table(
     Column("state", String(16), nullable=False),
     Column("output_path", Text),
     Column("updated_at", Float, nullable=False),
+    # migration 0005: the stage cache (engine/cache.py)
+    Column("fingerprint", String(64)),        # computed before the stage runs (engine/fingerprint.py)
+    Column("cached_from_run", String(128)),   # a `cached` stage: the run whose verified output it reuses
+    Column("cached_from_stage", String(16)),
+    Column("cache_note", Text),               # why an earlier output was not reused, when one existed
 )
+Index("ix_stages_fingerprint", stages.c.fingerprint)
 
 stage_attempts = Table(
     "stage_attempts", metadata,
@@ -109,6 +117,7 @@ gate_results = Table(
     Column("gate", String(32), nullable=False),
     Column("passed", Boolean, nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("carried_from", String(128)),  # migration 0005: copied from this run's gate when the stage was cached
 )
 
 gate_checks = Table(
