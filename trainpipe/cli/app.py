@@ -112,6 +112,54 @@ def inspect(
 
 
 @app.command()
+def sweep(
+    sweep_file: Annotated[Path | None, typer.Argument(help="Sweep YAML (e.g. configs/sweep_beta.yaml).",
+                                                      show_default=False)] = None,
+    resume_id: Annotated[str | None, typer.Option("--resume", help="Continue this sweep: finished trials are "
+                                                  "kept, an interrupted one resumes, the rest start.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key in every trial, e.g. "
+                                                   "--set output_dir=/tmp/out")] = None,
+    db: DbOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Run a sweep: trials over a space of stage settings, sharing unchanged stages through the cache.
+    Exit codes: 0 a best trial was found, 1/3 no trial passed every gate, 2 bad input, 130 interrupted."""
+    from trainpipe.cli.render import SweepProgress
+    from trainpipe.engine import sweep as sweeps
+
+    if (sweep_file is None) == (resume_id is None):
+        raise TrainpipeError("give either a sweep file or --resume SWEEP_ID",
+                             hint="trainpipe sweep configs/sweep_beta.yaml")
+    if resume_id is not None and set_:
+        raise TrainpipeError("--set cannot change a sweep being resumed: its trials keep the settings they "
+                             "started with")
+    renderer = _renderer(json_output)
+    ledger = _ledger(db)
+    observer = SweepProgress(renderer)
+    try:
+        if resume_id is not None:
+            result = sweeps.resume(resume_id, ledger=ledger, observer=observer)
+        else:
+            result = sweeps.start(str(sweep_file), ledger=ledger, extra_sets=set_ or [], observer=observer)
+    finally:
+        observer.close()
+    renderer.sweep(result.report)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("sweep-status")
+def sweep_status(
+    sweep_id: Annotated[str, typer.Argument(help="Sweep id (printed when the sweep starts).")],
+    json_output: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """The comparison table of a sweep, from the ledger: params, gates, objective, wall time, the best."""
+    from trainpipe.engine.sweep import report
+
+    _renderer(json_output).sweep(report(_ledger(db), sweep_id))
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo writes its artifacts.")] = Path("trainpipe-demo"),
     db: DbOption = None,

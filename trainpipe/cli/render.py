@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from trainpipe.engine.runner import Observer, RunResult
+from trainpipe.engine.sweep import SweepObserver
 
 STATE_STYLE = {"succeeded": "green", "passed": "green", "running": "cyan", "validating": "cyan",
                "interrupted": "yellow", "failed": "red", "rejected": "magenta", "skipped": "dim",
@@ -243,18 +244,61 @@ class Renderer:
             self.out.print(f"resume with: [bold]trainpipe resume {result.run_id}[/]", soft_wrap=True)
 
 
+    # ---------------------------------------------------------------- sweep
+
+    def sweep(self, report: dict[str, Any]) -> None:
+        if self.json_mode:
+            return self.print_json(report)
+        objective = report["objective"]
+        table = Table(title=f"sweep {report['sweep_id']}: {report['state']} ({report['strategy']}, "
+                            f"{objective['direction']} {objective['metric']})")
+        table.add_column("trial", no_wrap=True)
+        for key in report["space"]:
+            table.add_column(key)
+        for stage in ("sft", "merge", "dpo"):
+            table.add_column(f"gate {stage}")
+        for column in ("trained", objective["metric"], "wall", "run"):
+            table.add_column(column, no_wrap=column == "run")
+        for row in report["trials"]:
+            label = f"[bold green]{row['number']} ★ best[/]" if row["best"] else str(row["number"])
+            gates = [_state(state) if state != "-" else "-" for state in row["gates"].values()]
+            table.add_row(label, *[escape(_short(row["params"].get(k))) for k in report["space"]], *gates,
+                          ",".join(row["trained"]) or "-", _short(row["objective"]),
+                          _duration(row["wall_s"]) if row["wall_s"] is not None else "-", row["run_id"])
+        self.out.print(table)
+        trained = report["stage_trainings"]
+        naive = report["naive_stage_trainings"]
+        self.out.print("stage trainings: " + ", ".join(f"{s} {trained[s]}" for s in trained if naive[s])
+                       + f" (without the cache: {', '.join(f'{s} {naive[s]}' for s in naive if naive[s])})")
+        best = report["best"]
+        if best:
+            self.out.print(f"[green]best:[/] trial {best['number']} (run {best['run_id']}), "
+                           f"{objective['metric']} = {_short(best['objective'])}", soft_wrap=True)
+            if report["outputs"]["best_config"] and report["state"] == "finished":
+                self.out.print(f"best config: {report['outputs']['best_config']}", soft_wrap=True)
+        elif report["state"] == "finished":
+            self.out.print("[red]no trial passed every gate[/]; a rejected trial is never chosen")
+        if report["state"] == "finished":
+            self.out.print(f"table: {report['outputs']['table']}", soft_wrap=True)
+        elif report["state"] == "interrupted":
+            self.out.print(f"resume with: [bold]trainpipe sweep --resume {report['sweep_id']}[/]", soft_wrap=True)
+
+
 class ProgressObserver(Observer):
     """Live progress bars per stage: step/total, loss, ETA."""
 
     def __init__(self, renderer: Renderer):
         self.renderer = renderer
         self.console = renderer.err if renderer.json_mode else renderer.out
+        self._new_bars()
+        self.started = False
+        self.run_id: str | None = None
+
+    def _new_bars(self) -> None:
         self.progress = Progress(TextColumn("{task.description:<6}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
                                  console=self.console, transient=False)
         self.tasks: dict[str, Any] = {}
-        self.started = False
-        self.run_id: str | None = None
 
     def run_created(self, run_id: str, run_dir: str) -> None:
         self.run_id = run_id
@@ -308,3 +352,23 @@ class ProgressObserver(Observer):
         if self.started:
             self.progress.stop()
             self.started = False
+
+
+class SweepProgress(ProgressObserver, SweepObserver):
+    """Each trial's runs as usual, under a line naming the trial and its parameters."""
+
+    def sweep_created(self, sweep_id: str, total: int) -> None:
+        if self.renderer.json_mode:
+            self.console.print(f"sweep id: {sweep_id}")
+        else:
+            self.renderer.out.print(f"Sweep [bold]{sweep_id}[/] ({total} trials)")
+
+    def trial_started(self, number: int, total: int, params: dict[str, Any], run_id: str, resumed: bool) -> None:
+        self.close()
+        self._new_bars()  # a fresh set of bars per trial
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
+        self.console.rule(f"trial {number + 1}/{total}{' (resumed)' if resumed else ''}: {escape(shown)}")
+
+    def trial_finished(self, number: int, state: str, objective: float | None) -> None:
+        self.close()
+        self.console.print(f"trial {number + 1}: {_state(state)}, objective {_short(objective)}")

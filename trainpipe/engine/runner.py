@@ -82,15 +82,13 @@ def new_run_id(pipeline_id: str) -> str:
 def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = None,
           sft_dataset: str | None = None, preference_dataset: str | None = None,
           observer: Observer | None = None, run_id: str | None = None, use_cache: bool = True,
-          from_stage: str | None = None, config: PipelineConfig | None = None) -> RunResult:
+          from_stage: str | None = None, cwd: str | None = None) -> RunResult:
     """Validate everything, then create and drive a new run. Bad input raises before any write.
 
     `use_cache=False` trains every stage; `from_stage` trains that stage and every later one, and
-    lets earlier ones come from the cache. `config`, when given, is the already loaded `config_path`
-    (a sweep trial's)."""
-    if config is None:
-        config = load_config(config_path, overrides=overrides, sft_dataset=sft_dataset,
-                             preference_dataset=preference_dataset)
+    lets earlier ones come from the cache."""
+    config = load_config(config_path, overrides=overrides, sft_dataset=sft_dataset,
+                         preference_dataset=preference_dataset, cwd=cwd)
     check_from_stage(config, from_stage, config_path)
     validate_inputs(config)
     preflight.check(config, ledger)

@@ -59,6 +59,7 @@ MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0002_error_kinds", _add_columns(s.runs.c.error_kind, s.runs.c.error_traceback,
                                       s.stage_attempts.c.error_kind, s.stage_attempts.c.error_traceback)),
     ("0005_stage_cache", _stage_cache),
+    ("0006_sweeps", lambda conn: s.metadata.create_all(conn, tables=[s.sweeps, s.sweep_trials])),
 ]
 
 
@@ -376,6 +377,63 @@ class Ledger:
                     return {"run_id": current, "run_dir": run_dir, "attempt": dict(attempt) if attempt else None}
                 current = row.cached_from_run
         return None
+
+    # ------------------------------------------------------------ sweeps
+
+    def create_sweep(self, *, sweep_id: str, sweep_file: str, spec: dict[str, Any]) -> None:
+        """Insert a running sweep owned by this process."""
+        now = time.time()
+        with self._write() as conn:
+            conn.execute(insert(s.sweeps).values(sweep_id=sweep_id, state="running", sweep_file=sweep_file,
+                                                 spec=spec, created_at=now, updated_at=now,
+                                                 owner_pid=os.getpid(), owner_host=HOST))
+
+    def get_sweep(self, sweep_id: str) -> dict[str, Any]:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(s.sweeps).where(s.sweeps.c.sweep_id == sweep_id)).mappings().first()
+        if row is None:
+            raise RunNotFound(f"no sweep with id '{sweep_id}'")
+        return dict(row)
+
+    def set_sweep_state(self, sweep_id: str, state: str, *, expect_state: str | None = None,
+                        set_owner: bool = False, **fields: Any) -> None:
+        """Move a sweep to `state`; with `expect_state`, only from that state (a compare-and-set, as for
+        runs: of two processes resuming one sweep, one raises StaleState)."""
+        with self._write() as conn:
+            row = conn.execute(select(s.sweeps.c.state).where(s.sweeps.c.sweep_id == sweep_id)).first()
+            if row is None:
+                raise RunNotFound(f"no sweep with id '{sweep_id}'")
+            if expect_state is not None and row.state != expect_state:
+                raise StaleState(f"sweep {sweep_id} is {row.state}, not {expect_state}")
+            values: dict[str, Any] = {"state": state, "updated_at": time.time(), **fields}
+            if set_owner:
+                values.update(owner_pid=os.getpid(), owner_host=HOST)
+            elif state != "running":
+                values.update(owner_pid=None, owner_host=None)
+            values["finished_at"] = time.time() if state == "finished" else None
+            conn.execute(update(s.sweeps).where(s.sweeps.c.sweep_id == sweep_id).values(**values))
+
+    def add_sweep_trial(self, sweep_id: str, number: int, params: dict[str, Any], run_id: str) -> None:
+        with self._write() as conn:
+            conn.execute(insert(s.sweep_trials).values(sweep_id=sweep_id, number=number, params=params,
+                                                       run_id=run_id, state="running", created_at=time.time()))
+
+    def finish_sweep_trial(self, sweep_id: str, number: int, objective: float | None) -> None:
+        with self._write() as conn:
+            conn.execute(update(s.sweep_trials).where(s.sweep_trials.c.sweep_id == sweep_id,
+                                                      s.sweep_trials.c.number == number)
+                         .values(state="done", objective=objective, finished_at=time.time()))
+
+    def sweep_trials(self, sweep_id: str) -> list[dict[str, Any]]:
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(s.sweep_trials).where(
+                s.sweep_trials.c.sweep_id == sweep_id).order_by(s.sweep_trials.c.number)).mappings()]
+
+    def find_run(self, run_id: str) -> dict[str, Any] | None:
+        try:
+            return self.get_run(run_id)
+        except RunNotFound:
+            return None
 
     def heartbeat(self, run_id: str) -> bool:
         """Refresh the owner's heartbeat; False if this process no longer owns the run."""

@@ -163,3 +163,32 @@ schema_migrations = Table(
     Column("name", String(64), primary_key=True),
     Column("applied_at", Float, nullable=False),
 )
+
+# migration 0006: sweeps (engine/sweep.py). A trial is an ordinary run; sweep_trials links it.
+sweeps = Table(
+    "sweeps", metadata,
+    Column("sweep_id", String(128), primary_key=True),
+    Column("state", String(16), nullable=False),  # running, interrupted, finished
+    Column("sweep_file", Text),
+    Column("spec", JSON, nullable=False),         # the validated sweep file, paths resolved
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("owner_pid", Integer),
+    Column("owner_host", String(255)),
+    Column("best_trial", Integer),
+)
+
+sweep_trials = Table(
+    "sweep_trials", metadata,
+    Column("sweep_id", String(128), ForeignKey("sweeps.sweep_id", ondelete="CASCADE"), primary_key=True),
+    Column("number", Integer, primary_key=True),  # Optuna's trial number
+    Column("params", JSON, nullable=False),
+    # Not a foreign key: the row is written before its run, so a sweep killed in between finds the
+    # id on resume and starts the run under it.
+    Column("run_id", String(128), nullable=False),
+    Column("state", String(16), nullable=False),  # running, done
+    Column("objective", Float),
+    Column("created_at", Float, nullable=False),
+    Column("finished_at", Float),
+)
