@@ -14,9 +14,9 @@ import pytest
 from conftest import QUICKSTART, fast_overrides
 
 import trainpipe
+from trainpipe.config import load_config
+from trainpipe.engine.fingerprint import stage_fingerprint
 from trainpipe.store.ledger import Ledger
-
-pytestmark = pytest.mark.slow
 
 
 def _trained(ledger: Ledger, run_id: str) -> list[str]:
@@ -48,6 +48,7 @@ def _run_without_torch(overrides: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_rerun_reuses_every_stage_and_retrains_only_what_must(tmp_path, db_url):
     overrides = fast_overrides(tmp_path / "out")
     ledger = Ledger(db_url)
@@ -140,3 +141,36 @@ def test_from_stage_names_an_unknown_or_disabled_stage_exits_2(tmp_path, db_url)
                "--set", f"output_dir={tmp_path / 'out'}")
     assert proc.returncode == 2 and "stage 'dpo' is disabled" in proc.stderr
     assert Ledger(db_url).count_runs() == 0
+
+
+def _fingerprints(overrides: list[str]) -> dict[str, str]:
+    config = load_config(QUICKSTART, overrides=overrides)
+    sft = stage_fingerprint(config, "sft", None)
+    merge = stage_fingerprint(config, "merge", sft)
+    return {"sft": sft, "merge": merge, "dpo": stage_fingerprint(config, "dpo", merge)}
+
+
+def test_fingerprint_ignores_what_cannot_change_the_result(tmp_path):
+    base = _fingerprints([])
+    assert _fingerprints([f"output_dir={tmp_path}", "checkpoint_every_n_steps=7", "sft.logging_steps=5",
+                          "sft.save_steps=3", "stages.sft.timeout_minutes=99", "stages.dpo.retry_count=3",
+                          "validation.checks.adapter_loads.timeout_s=5", "save_intermediate=false",
+                          "sft.beta=0.7"]) == base
+
+
+def test_fingerprint_follows_settings_data_and_upstream(tmp_path):
+    base = _fingerprints([])
+    # A DPO setting, or gate 3's threshold, changes DPO only.
+    for override in ("dpo.beta=0.3", "validation.min_accuracy=0.5", "validation.format_threshold=0.5"):
+        changed = _fingerprints([override])
+        assert (changed["sft"], changed["merge"]) == (base["sft"], base["merge"]) and changed["dpo"] != base["dpo"]
+    # An SFT setting, gate 1's threshold, the seed or the SFT data change every stage (through upstream).
+    data = tmp_path / "sft.jsonl"
+    text = (QUICKSTART.parent.parent / "examples" / "task_api" / "sft.jsonl").read_text(encoding="utf-8")
+    data.write_text(text.replace("task", "Task", 1), encoding="utf-8")
+    for override in ("sft.learning_rate=1e-3", "validation.max_loss=3", "seed=7", f"datasets.sft={data}"):
+        changed = _fingerprints([override])
+        assert all(changed[s] != base[s] for s in base), override
+    # merge.dtype changes merge and what follows it.
+    changed = _fingerprints(["merge.dtype=bfloat16"])
+    assert changed["sft"] == base["sft"] and changed["merge"] != base["merge"] and changed["dpo"] != base["dpo"]

@@ -27,8 +27,10 @@ from typing import Any
 from trainpipe.checkpoints import sha256_file
 from trainpipe.config import PipelineConfig
 
-# Settings that change when or how often something is logged or saved, never what is trained.
+# Settings that change when or how often something is logged or saved, never what is trained; and
+# SFT's `beta`, which SFT accepts (the lesson's files carry it) and ignores.
 IGNORED_SETTINGS = {"logging_steps", "save_steps"}
+IGNORED_BY_STAGE = {"sft": {"beta"}}
 # Validation keys each gate reads (trainpipe/validators/*_gate.py). eval_split also decides which SFT
 # rows are held out and not trained on, so it belongs to SFT as well.
 GATE_KEYS = {
@@ -135,7 +137,8 @@ def stage_fingerprint(config: PipelineConfig, stage: str, upstream: str | None,
         datasets = {"sft": _file_hash(config.datasets.sft)}  # gate 2 compares logits on SFT prompts
     return _digest({
         "stage": stage,
-        "settings": {k: v for k, v in settings.items() if k not in IGNORED_SETTINGS},
+        "settings": {k: v for k, v in settings.items()
+                     if k not in IGNORED_SETTINGS | IGNORED_BY_STAGE.get(stage, set())},
         "gate": _gate_settings(config, stage),
         "base_model": base_model if base_model is not None else base_model_identity(config.base_model),
         "upstream": upstream,
