@@ -57,7 +57,8 @@ def test_beta_sweep_killed_resumes_trains_shared_stages_once_and_never_chooses_a
     assert killed.returncode == -9, killed.stdout + killed.stderr
     sweep_id = killed.stdout.split()[1]
     ledger = Ledger(db_url)
-    assert [t["state"] for t in ledger.sweep_trials(sweep_id)] == ["running"]
+    # A grid's trials are all recorded up front; the first was running when the sweep died.
+    assert [t["state"] for t in ledger.sweep_trials(sweep_id)] == ["running", "pending", "pending"]
     assert json.loads(cli("sweep-status", sweep_id, "--json", check=True).stdout)["state"] == "interrupted"
 
     proc = cli("sweep", "--resume", sweep_id)
@@ -100,6 +101,36 @@ def test_beta_sweep_killed_resumes_trains_shared_stages_once_and_never_chooses_a
     run_id = json.loads(rerun.stdout)["run_id"]
     assert ledger.attempts(run_id) == []
     assert next(s for s in ledger.stages(run_id) if s["name"] == "dpo")["cached_from_run"] == status["best"]["run_id"]
+
+
+def test_parallel_workers_never_train_a_trial_or_a_shared_stage_twice(tmp_path, db_url):
+    # Two trials that share SFT (merge off to keep it short), run by this process and one `--worker`.
+    sweep = _sweep_file(tmp_path, name="par", space={"dpo.beta": [0.1, 0.3]},
+                        objective={"metric": "dpo.rewards/accuracies", "direction": "maximize"})
+    overrides = fast_overrides(tmp_path / "out") + ["stages.merge.enabled=false"]
+
+    proc = cli("sweep", str(sweep), "--parallel", "2", *_sets(overrides))
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sweep_id = proc.stdout.split()[1]
+    ledger = Ledger(db_url)
+    trials = ledger.sweep_trials(sweep_id)
+    assert [t["state"] for t in trials] == ["done", "done"] and ledger.get_sweep(sweep_id)["state"] == "finished"
+    # Two workers, one trial each; each trial has exactly one run, and nothing ran twice within it.
+    assert len({t["owner_pid"] for t in trials}) == 2
+    runs = [t["run_id"] for t in trials]
+    assert ledger.count_runs() == 2 and {ledger.get_run(r)["state"] for r in runs} == {"succeeded"}
+    assert all(len(ledger.attempts(r, stage)) <= 1 for r in runs for stage in ("sft", "dpo"))
+    # The shared SFT trained once: the trial that did not train it waited for the other's and reused it.
+    assert _trainings(ledger, runs) == {"sft": 1, "merge": 0, "dpo": 2}
+    trained = next(r for r in runs if ledger.attempts(r, "sft"))
+    reused = next(r for r in runs if r != trained)
+    (move,) = [t for t in ledger.transitions(reused) if t["trigger"] == "reuse_cached"]
+    assert move["stage"] == "sft" and move["detail"]["source_run"] == trained
+    assert move["detail"]["waited_for"] == trained, "the trials did not overlap: nothing was tested"
+    assert ledger.stage_leases() == []
+    log = Path(json.loads(cli("sweep-status", sweep_id, "--json", check=True).stdout)["outputs"]["dir"])
+    assert (log / "worker-1.log").is_file()
 
 
 @pytest.mark.parametrize("fields, key, words", [

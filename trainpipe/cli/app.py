@@ -119,6 +119,10 @@ def sweep(
                                                   "kept, an interrupted one resumes, the rest start.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key in every trial, e.g. "
                                                    "--set output_dir=/tmp/out")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", help="Trials at once (grid and random): this process "
+                                          "plus N-1 `--worker` processes.")] = 1,
+    worker_id: Annotated[str | None, typer.Option("--worker", help="Join this sweep as an extra worker (any "
+                                                  "machine that reaches the ledger through --db).")] = None,
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -127,20 +131,26 @@ def sweep(
     from trainpipe.cli.render import SweepProgress
     from trainpipe.engine import sweep as sweeps
 
-    if (sweep_file is None) == (resume_id is None):
-        raise TrainpipeError("give either a sweep file or --resume SWEEP_ID",
+    if sum(x is not None for x in (sweep_file, resume_id, worker_id)) != 1:
+        raise TrainpipeError("give one of: a sweep file, --resume SWEEP_ID, --worker SWEEP_ID",
                              hint="trainpipe sweep configs/sweep_beta.yaml")
-    if resume_id is not None and set_:
-        raise TrainpipeError("--set cannot change a sweep being resumed: its trials keep the settings they "
+    if sweep_file is None and set_:
+        raise TrainpipeError("--set cannot change an existing sweep: its trials keep the settings they "
                              "started with")
+    if worker_id is not None and parallel != 1:
+        raise TrainpipeError("--parallel applies to the process that starts or resumes a sweep; start more "
+                             "--worker processes instead")
     renderer = _renderer(json_output)
     ledger = _ledger(db)
     observer = SweepProgress(renderer)
     try:
-        if resume_id is not None:
-            result = sweeps.resume(resume_id, ledger=ledger, observer=observer)
+        if worker_id is not None:
+            result = sweeps.work(worker_id, ledger=ledger, observer=observer)
+        elif resume_id is not None:
+            result = sweeps.resume(resume_id, ledger=ledger, observer=observer, parallel=parallel)
         else:
-            result = sweeps.start(str(sweep_file), ledger=ledger, extra_sets=set_ or [], observer=observer)
+            result = sweeps.start(str(sweep_file), ledger=ledger, extra_sets=set_ or [], observer=observer,
+                                  parallel=parallel)
     finally:
         observer.close()
     renderer.sweep(result.report)

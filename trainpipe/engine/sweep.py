@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ from trainpipe.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_STAGE_FAILED,
+    ConfigError,
     IllegalTransition,
     RunOwned,
     TrainpipeError,
@@ -39,6 +43,10 @@ from trainpipe.paths import check_run_id
 from trainpipe.stages.base import write_json_atomic
 from trainpipe.store.ledger import HOST, Ledger, StaleState
 from trainpipe.sweepfile import Range, SweepSpec, load_sweep, param_overrides, trial_count
+
+
+# How often a sweep's owner looks at trials other workers are running.
+WAIT_POLL_S = 2.0
 
 
 class SweepObserver(Observer):
@@ -62,21 +70,26 @@ def new_sweep_id(prefix: str) -> str:
 
 
 def start(sweep_file: str, *, ledger: Ledger, extra_sets: list[str] | None = None,
-          observer: SweepObserver | None = None) -> SweepResult:
+          observer: SweepObserver | None = None, parallel: int = 1) -> SweepResult:
     """Validate the sweep file (and the base config, its datasets and the preflight), then create the
-    sweep and run its trials. Bad input raises ConfigError before anything is written."""
+    sweep and run its trials, `parallel` at a time. Bad input raises ConfigError before anything is
+    written."""
     spec, config = load_sweep(sweep_file, extra_sets=extra_sets)
+    _check_parallel(spec, parallel, sweep_file)
     runner.validate_inputs(config)
     preflight.check(config, ledger)
     sweep_id = check_run_id(new_sweep_id(spec.name or f"{config.pipeline_id}-sweep"))
     ledger.create_sweep(sweep_id=sweep_id, sweep_file=str(Path(sweep_file).resolve()),
                         spec={"sweep": spec.model_dump(mode="json"), "output_dir": config.output_dir})
-    return _drive(ledger, sweep_id, observer or SweepObserver())
+    if spec.strategy != "tpe":
+        ledger.add_sweep_trials(sweep_id, _plan(spec, sweep_id))
+    return _drive(ledger, sweep_id, observer or SweepObserver(), parallel=parallel)
 
 
-def resume(sweep_id: str, *, ledger: Ledger, observer: SweepObserver | None = None) -> SweepResult:
+def resume(sweep_id: str, *, ledger: Ledger, observer: SweepObserver | None = None, parallel: int = 1) -> SweepResult:
     """Keep the finished trials, resume an interrupted one, start the rest."""
     sweep = reconcile(ledger, ledger.get_sweep(sweep_id))
+    _check_parallel(_spec(sweep), parallel, sweep["sweep_file"])
     if sweep["state"] == "running":
         raise RunOwned(f"sweep {sweep_id} is owned by pid {sweep['owner_pid']} on host {sweep['owner_host']}",
                        hint="wait for it to finish, or stop that process first")
@@ -87,7 +100,46 @@ def resume(sweep_id: str, *, ledger: Ledger, observer: SweepObserver | None = No
         ledger.set_sweep_state(sweep_id, "running", expect_state=sweep["state"], set_owner=True)
     except StaleState:
         raise RunOwned(f"sweep {sweep_id} was just claimed by another process") from None
-    return _drive(ledger, sweep_id, observer or SweepObserver())
+    return _drive(ledger, sweep_id, observer or SweepObserver(), parallel=parallel)
+
+
+def work(sweep_id: str, *, ledger: Ledger, observer: SweepObserver | None = None) -> SweepResult:
+    """Join a sweep as an extra worker (this or another machine, on the same ledger): claim trials one
+    at a time until none is left. The worker that records the last trial writes the results."""
+    sweep = reconcile(ledger, ledger.get_sweep(sweep_id))
+    spec = _spec(sweep)
+    if spec.strategy == "tpe":
+        raise ConfigError(f"sweep {sweep_id} uses strategy tpe, whose trials run one at a time (each depends on "
+                          "the results before it); only grid and random sweeps take extra workers")
+    if sweep["state"] == "finished":
+        raise IllegalTransition(f"sweep {sweep_id} is finished; nothing to do",
+                                hint=f"`trainpipe sweep-status {sweep_id}` shows its results")
+    observer = observer or SweepObserver()
+    observer.sweep_created(sweep_id, trial_count(spec))
+    if _work(ledger, sweep_id, spec, observer):
+        return SweepResult(sweep_id, "interrupted", EXIT_INTERRUPTED, report(ledger, sweep_id))
+    return _finish_if_done(ledger, sweep_id) or SweepResult(sweep_id, ledger.get_sweep(sweep_id)["state"], EXIT_OK,
+                                                            report(ledger, sweep_id))
+
+
+def _check_parallel(spec: SweepSpec, parallel: int, source: str) -> None:
+    if parallel < 1:
+        raise ConfigError(f"--parallel {parallel}: must be 1 or more")
+    if parallel > 1 and spec.strategy == "tpe":
+        raise ConfigError(f"{source}: key 'strategy': tpe runs one trial at a time (each trial depends on the "
+                          "results before it); use grid or random with --parallel")
+
+
+def _plan(spec: SweepSpec, sweep_id: str) -> list[tuple[int, dict[str, Any], str]]:
+    """Every trial of a grid or random sweep, asked up front: neither sampler looks at results, so the
+    list is the one a trial-by-trial ask would give, and workers can claim trials from it."""
+    study = _study(spec)
+    distributions = _distributions(spec)
+    plan = []
+    for number in range(trial_count(spec)):
+        trial = study.ask(distributions)
+        plan.append((number, dict(trial.params), f"{sweep_id}-t{number:03d}"))
+    return plan
 
 
 def reconcile(ledger: Ledger, sweep: dict[str, Any]) -> dict[str, Any]:
@@ -158,23 +210,71 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return True
 
 
-def _drive(ledger: Ledger, sweep_id: str, observer: SweepObserver) -> SweepResult:
-    from optuna.trial import TrialState
-
+def _drive(ledger: Ledger, sweep_id: str, observer: SweepObserver, parallel: int = 1) -> SweepResult:
     sweep = ledger.get_sweep(sweep_id)
     spec = _spec(sweep)
+    observer.sweep_created(sweep_id, trial_count(spec))
+    if spec.strategy == "tpe":
+        interrupted = _ask_and_tell(ledger, sweep_id, spec, observer)
+    else:
+        workers = _spawn_workers(ledger, sweep_id, parallel - 1)
+        try:
+            interrupted = _work(ledger, sweep_id, spec, observer)
+            # Trials still running elsewhere (this sweep's workers, or a worker another machine started):
+            # wait, and take over any whose worker dies.
+            while not interrupted and any(t["state"] != "done" for t in ledger.sweep_trials(sweep_id)):
+                time.sleep(WAIT_POLL_S)
+                interrupted = _work(ledger, sweep_id, spec, observer)
+        finally:
+            for proc in workers:
+                proc.wait()
+    if interrupted:
+        ledger.set_sweep_state(sweep_id, "interrupted")
+        return SweepResult(sweep_id, "interrupted", EXIT_INTERRUPTED, report(ledger, sweep_id))
+    result = _finish_if_done(ledger, sweep_id)
+    assert result is not None
+    return result
+
+
+def _finish_if_done(ledger: Ledger, sweep_id: str) -> SweepResult | None:
+    """Once every trial is done: mark the sweep finished (once: a compare-and-set) and write the results."""
+    if any(t["state"] != "done" for t in ledger.sweep_trials(sweep_id)):
+        return None
+    sweep = ledger.get_sweep(sweep_id)
+    if sweep["state"] != "finished":
+        best = report(ledger, sweep_id)["best"]
+        try:
+            ledger.set_sweep_state(sweep_id, "finished", expect_state=sweep["state"],
+                                   best_trial=best["number"] if best else None)
+            write_outputs(ledger, sweep_id)
+        except StaleState:
+            pass  # another worker finished it
+    summary = report(ledger, sweep_id)
+    if summary["best"]:
+        code = EXIT_OK
+    elif any(r["state"] == "rejected" for r in summary["trials"]):
+        code = EXIT_GATE_REJECTED
+    else:
+        code = EXIT_STAGE_FAILED
+    return SweepResult(sweep_id, "finished", code, summary)
+
+
+def _ask_and_tell(ledger: Ledger, sweep_id: str, spec: SweepSpec, observer: SweepObserver) -> bool:
+    """TPE, one trial at a time: each ask sees every earlier result. On resume the recorded trials are
+    replayed (asked again, checked, told again) before new ones are asked. True if interrupted."""
+    from optuna.trial import TrialState
+
     distributions = _distributions(spec)
     study = _study(spec)
     total = trial_count(spec)
     recorded = {row["number"]: row for row in ledger.sweep_trials(sweep_id)}
-    observer.sweep_created(sweep_id, total)
     for number in range(total):
         trial = study.ask(distributions)
         row = recorded.get(number)
         if row is None:
             row = {"number": number, "params": dict(trial.params), "run_id": f"{sweep_id}-t{number:03d}",
                    "state": "running", "objective": None}
-            ledger.add_sweep_trial(sweep_id, number, row["params"], row["run_id"])
+            ledger.add_sweep_trials(sweep_id, [(number, row["params"], row["run_id"])], claim=True)
         elif not _same(trial.params, row["params"]):
             raise TrainpipeError(f"sweep {sweep_id}: replaying trial {number} proposed {trial.params}, but the "
                                  f"ledger recorded {row['params']}; the sampler no longer reproduces this sweep "
@@ -182,8 +282,7 @@ def _drive(ledger: Ledger, sweep_id: str, observer: SweepObserver) -> SweepResul
         if row["state"] != "done":
             state = _run_trial(ledger, spec, row, total, observer)
             if state == "interrupted":
-                ledger.set_sweep_state(sweep_id, "interrupted")
-                return SweepResult(sweep_id, "interrupted", EXIT_INTERRUPTED, report(ledger, sweep_id))
+                return True
             row["objective"] = objective_value(ledger, row["run_id"], spec.objective.metric)
             ledger.finish_sweep_trial(sweep_id, number, row["objective"])
             observer.trial_finished(number, state, row["objective"])
@@ -193,17 +292,89 @@ def _drive(ledger: Ledger, sweep_id: str, observer: SweepObserver) -> SweepResul
         else:
             # A rejected or failed trial is never the best; TPE learns nothing from it.
             study.tell(trial, state=TrialState.FAIL)
-    summary = report(ledger, sweep_id)
-    best = summary["best"]
-    ledger.set_sweep_state(sweep_id, "finished", best_trial=best["number"] if best else None)
-    summary = write_outputs(ledger, sweep_id)
-    if best:
-        code = EXIT_OK
-    elif any(r["state"] == "rejected" for r in summary["trials"]):
-        code = EXIT_GATE_REJECTED
-    else:
-        code = EXIT_STAGE_FAILED
-    return SweepResult(sweep_id, "finished", code, summary)
+    return False
+
+
+def _work(ledger: Ledger, sweep_id: str, spec: SweepSpec, observer: SweepObserver) -> bool:
+    """Claim and run trials until none is left to claim. True if a trial was interrupted (Ctrl-C)."""
+    total = trial_count(spec)
+    fingerprints: dict[int, set[str]] = {}
+    while True:
+        row = _claim_next(ledger, sweep_id, spec, fingerprints)
+        if row is None:
+            return False
+        state = _run_trial(ledger, spec, row, total, observer)
+        if state == "interrupted":
+            return True
+        objective = objective_value(ledger, row["run_id"], spec.objective.metric)
+        ledger.finish_sweep_trial(sweep_id, row["number"], objective)
+        observer.trial_finished(row["number"], state, objective)
+
+
+def _claim_next(ledger: Ledger, sweep_id: str, spec: SweepSpec,
+                fingerprints: dict[int, set[str]]) -> dict[str, Any] | None:
+    """Claim (compare-and-set) the next trial: a pending one, or one whose worker died. Trials none of
+    whose stages another run is training right now go first; a trial that does share one still
+    trains it only once, because its run waits on the stage lease and then reuses the output."""
+    while True:
+        candidates = [row for row in ledger.sweep_trials(sweep_id)
+                      if row["state"] == "pending" or (row["state"] == "running" and _abandoned(ledger, row))]
+        if not candidates:
+            return None
+        busy = {lease["fingerprint"] for lease in ledger.stage_leases()}
+        candidates.sort(key=lambda r: (bool(_trial_fingerprints(spec, r, fingerprints) & busy), r["number"]))
+        for row in candidates:
+            if ledger.claim_sweep_trial(sweep_id, row["number"], expect_state=row["state"],
+                                        expect_owner=(row["owner_pid"], row["owner_host"])):
+                return row
+        # every candidate was claimed by another worker in between: look again
+
+
+def _abandoned(ledger: Ledger, row: dict[str, Any]) -> bool:
+    """Whether a `running` trial's worker is gone: its pid on this host, or its run's heartbeat."""
+    if row["owner_host"] == HOST and row["owner_pid"] and row["owner_pid"] != os.getpid():
+        return not liveness.pid_alive(row["owner_pid"])
+    run = ledger.find_run(row["run_id"])
+    if run is None:
+        return time.time() - (row["claimed_at"] or 0) > liveness.STALE_AFTER_S
+    return run["state"] == "interrupted" or (run["state"] == "running"
+                                             and liveness.owner_gone(run, time.time()) is not None)
+
+
+def _trial_fingerprints(spec: SweepSpec, row: dict[str, Any], memo: dict[int, set[str]]) -> set[str]:
+    """The fingerprints the trial's stages will have; only a scheduling preference, so a failure to
+    compute them (nothing expected) just means no preference."""
+    if row["number"] not in memo:
+        try:
+            from trainpipe.config import load_config
+            from trainpipe.engine.fingerprint import stage_fingerprint, upstream_stage
+
+            config = load_config(spec.base, overrides=spec.set + param_overrides(row["params"]))
+            found: dict[str, str] = {}
+            for name in STAGE_ORDER:
+                if config.enabled(name):
+                    up = upstream_stage(config, name)
+                    found[name] = stage_fingerprint(config, name, found.get(up) if up else None)
+            memo[row["number"]] = set(found.values())
+        except Exception:  # noqa: BLE001 - a preference, not a requirement
+            memo[row["number"]] = set()
+    return memo[row["number"]]
+
+
+def _spawn_workers(ledger: Ledger, sweep_id: str, count: int) -> list[subprocess.Popen]:
+    """`trainpipe sweep --worker` processes on this machine, logging to the sweep's output dir."""
+    if count <= 0:
+        return []
+    out_dir = Path(ledger.get_sweep(sweep_id)["spec"]["output_dir"]) / "sweeps" / sweep_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for index in range(count):
+        log = (out_dir / f"worker-{index + 1}.log").open("ab")
+        procs.append(subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "sweep", "--worker", sweep_id,
+                                       "--db", ledger.url], stdout=log, stderr=subprocess.STDOUT,
+                                      env=os.environ.copy()))
+        log.close()
+    return procs
 
 
 def _run_trial(ledger: Ledger, spec: SweepSpec, row: dict[str, Any], total: int, observer: SweepObserver) -> str:

@@ -47,6 +47,7 @@ def _stage_cache(conn: Connection) -> None:
     _add_columns(s.stages.c.fingerprint, s.stages.c.cached_from_run, s.stages.c.cached_from_stage,
                  s.stages.c.cache_note, s.gate_results.c.carried_from, s.runs.c.cache_policy)(conn)
     conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_stages_fingerprint ON stages (fingerprint)")
+    s.metadata.create_all(conn, tables=[s.stage_leases])
 
 
 # Ordered, named migrations; each runs once and is recorded. New ones go at the end. A ledger that
@@ -413,10 +414,61 @@ class Ledger:
             values["finished_at"] = time.time() if state == "finished" else None
             conn.execute(update(s.sweeps).where(s.sweeps.c.sweep_id == sweep_id).values(**values))
 
-    def add_sweep_trial(self, sweep_id: str, number: int, params: dict[str, Any], run_id: str) -> None:
+    def add_sweep_trials(self, sweep_id: str, trials: list[tuple[int, dict[str, Any], str]], *,
+                         claim: bool = False) -> None:
+        """Record trials (number, params, run id): `pending`, or with `claim` running and owned by this
+        process."""
+        now = time.time()
+        owner = {"state": "running", "owner_pid": os.getpid(), "owner_host": HOST, "claimed_at": now} if claim \
+            else {"state": "pending"}
         with self._write() as conn:
-            conn.execute(insert(s.sweep_trials).values(sweep_id=sweep_id, number=number, params=params,
-                                                       run_id=run_id, state="running", created_at=time.time()))
+            conn.execute(insert(s.sweep_trials), [
+                {"sweep_id": sweep_id, "number": number, "params": params, "run_id": run_id, "created_at": now,
+                 **owner} for number, params, run_id in trials])
+
+    def claim_sweep_trial(self, sweep_id: str, number: int, *, expect_state: str,
+                          expect_owner: tuple[int | None, str | None]) -> bool:
+        """Compare-and-set a trial to `running`, owned by this process, if it is still in the state and
+        owned by the owner the caller saw. Of two workers claiming one trial, exactly one gets True."""
+        with self._write() as conn:
+            result = conn.execute(update(s.sweep_trials).where(
+                s.sweep_trials.c.sweep_id == sweep_id, s.sweep_trials.c.number == number,
+                s.sweep_trials.c.state == expect_state,
+                s.sweep_trials.c.owner_pid.is_(None) if expect_owner[0] is None
+                else s.sweep_trials.c.owner_pid == expect_owner[0],
+                s.sweep_trials.c.owner_host.is_(None) if expect_owner[1] is None
+                else s.sweep_trials.c.owner_host == expect_owner[1],
+            ).values(state="running", owner_pid=os.getpid(), owner_host=HOST, claimed_at=time.time()))
+            return result.rowcount == 1
+
+    # ------------------------------------------------------------ stage leases
+
+    def acquire_stage_lease(self, fingerprint: str, stage: str, run_id: str, *,
+                            replace_run: str | None = None) -> dict[str, Any] | None:
+        """Take the lease on training this fingerprint for `run_id`: None when it is ours (it was free,
+        already ours, or held by `replace_run`, whose owner the caller found dead), else the holder's row."""
+        with self._write() as conn:
+            row = conn.execute(select(s.stage_leases).where(s.stage_leases.c.fingerprint == fingerprint)).mappings().first()
+            if row is None:
+                conn.execute(insert(s.stage_leases).values(fingerprint=fingerprint, stage=stage, run_id=run_id,
+                                                           claimed_at=time.time()))
+                return None
+            if row["run_id"] == run_id:
+                return None
+            if replace_run is not None and row["run_id"] == replace_run:
+                conn.execute(update(s.stage_leases).where(s.stage_leases.c.fingerprint == fingerprint)
+                             .values(run_id=run_id, stage=stage, claimed_at=time.time()))
+                return None
+            return dict(row)
+
+    def release_stage_lease(self, fingerprint: str, run_id: str) -> None:
+        with self._write() as conn:
+            conn.execute(s.stage_leases.delete().where(s.stage_leases.c.fingerprint == fingerprint,
+                                                       s.stage_leases.c.run_id == run_id))
+
+    def stage_leases(self) -> list[dict[str, Any]]:
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(s.stage_leases)).mappings()]
 
     def finish_sweep_trial(self, sweep_id: str, number: int, objective: float | None) -> None:
         with self._write() as conn:

@@ -158,6 +158,16 @@ artifacts = Table(
     Column("created_at", Float, nullable=False),
 )
 
+# migration 0005: which run is training a stage of a given fingerprint right now, so that another run
+# needing the same stage waits and reuses it rather than training it a second time concurrently.
+stage_leases = Table(
+    "stage_leases", metadata,
+    Column("fingerprint", String(64), primary_key=True),
+    Column("stage", String(16), nullable=False),
+    Column("run_id", String(128), nullable=False),
+    Column("claimed_at", Float, nullable=False),
+)
+
 schema_migrations = Table(
     "schema_migrations", metadata,
     Column("name", String(64), primary_key=True),
@@ -187,8 +197,11 @@ sweep_trials = Table(
     # Not a foreign key: the row is written before its run, so a sweep killed in between finds the
     # id on resume and starts the run under it.
     Column("run_id", String(128), nullable=False),
-    Column("state", String(16), nullable=False),  # running, done
+    Column("state", String(16), nullable=False),  # pending, running (claimed by owner_pid), done
     Column("objective", Float),
     Column("created_at", Float, nullable=False),
     Column("finished_at", Float),
+    Column("owner_pid", Integer),   # the process that claimed it last (kept when done: who ran it)
+    Column("owner_host", String(255)),
+    Column("claimed_at", Float),
 )
