@@ -36,7 +36,8 @@ def pipeline_overhead(rounds: int, work: Path, env: dict[str, str]) -> None:
                    env=env, check=True, capture_output=True)
     ours, plain = [], []
     for i in range(rounds):
-        ours.append(timed([sys.executable, "-m", "trainpipe.cli.app", "run", "configs/quickstart.yaml",
+        # --no-cache: every round must train (the rounds share a ledger, so round 2 would reuse round 1).
+        ours.append(timed([sys.executable, "-m", "trainpipe.cli.app", "run", "configs/quickstart.yaml", "--no-cache",
                            "--set", f"output_dir={work / f'tp-{i}'}"], env))
         plain.append(timed([sys.executable, "benchmarks/plain_trl.py", str(work / f"plain-{i}")], env))
         print(f"round {i + 1}: trainpipe {ours[-1]:.1f} s, plain TRL {plain[-1]:.1f} s", flush=True)
