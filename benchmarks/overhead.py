@@ -51,7 +51,9 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
 
 def trainpipe_run(out: Path, sets: list[str], env: dict[str, str]) -> tuple[float, dict[str, Any]]:
     args = [a for s in [f"output_dir={out}", *sets] for a in ("--set", s)]
-    wall, launched, _ = timed([sys.executable, "-m", "trainpipe.cli.app", "run", "configs/quickstart.yaml", *args], env)
+    # --no-cache: every round must train (the rounds share a ledger, so round 2 would reuse round 1).
+    wall, launched, _ = timed([sys.executable, "-m", "trainpipe.cli.app", "run", "configs/quickstart.yaml",
+                               "--no-cache", *args], env)
     return wall, phases(env["TRAINPIPE_DB"], launched, launched + wall)
 
 

@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
+# Every `run` below passes --no-cache: the runs share one ledger and config, and the soak is about
+# killing and resuming training, which the stage cache would otherwise skip.
 def overrides(out: Path, steps: int, interval: int) -> list[str]:
     sets = [f"output_dir={out}", f"sft.max_steps={steps}", f"dpo.max_steps={max(2, steps // 2)}",
             f"checkpoint_every_n_steps={interval}", "validation.max_loss=6.5",
@@ -102,7 +104,7 @@ def kill_and_resume(env: dict, db: Path, out: Path, args: argparse.Namespace, rn
     kills, finished_runs, started = 0, 0, time.perf_counter()
     while kills < args.kills:
         known = set(run_ids(db)) if db.exists() else set()
-        proc = trainpipe("run", str(QUICKSTART), *overrides(out, args.steps, args.interval), env=env)
+        proc = trainpipe("run", str(QUICKSTART), "--no-cache", *overrides(out, args.steps, args.interval), env=env)
         run_id = None
         kills_this_run = 0
         while True:
@@ -135,7 +137,7 @@ def kill_and_resume(env: dict, db: Path, out: Path, args: argparse.Namespace, rn
 
 def concurrent_runs(env: dict, out: Path, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    procs = [trainpipe("run", str(QUICKSTART), *overrides(out / f"c{i}", args.steps, args.interval), env=env)
+    procs = [trainpipe("run", str(QUICKSTART), "--no-cache", *overrides(out / f"c{i}", args.steps, args.interval), env=env)
              for i in range(args.concurrent)]
     outputs = [p.communicate()[0] for p in procs]
     locked = sum(o.count("database is locked") for o in outputs)

@@ -28,3 +28,10 @@ def counts_eval_rows(ctx: GateContext) -> Outcome:
 
     rows = len(eval_rows(ctx.config))
     return Outcome(rows > 0, value=rows, threshold=">0")
+
+
+def rejects_low_beta(ctx: GateContext) -> Outcome:
+    """Rejects DPO with beta below 0.1 and reports beta as its value: a sweep that minimizes this value
+    would pick the lowest beta if a rejected trial could be chosen."""
+    beta = ctx.config.dpo.beta
+    return Outcome(beta >= 0.1, value=beta, threshold=">= 0.1")

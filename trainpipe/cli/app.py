@@ -65,14 +65,21 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set sft.learning_rate=1e-4")] = None,
     sft_dataset: Annotated[str | None, typer.Option("--sft-dataset", help="SFT JSONL (overrides datasets.sft).")] = None,
     preference_dataset: Annotated[str | None, typer.Option("--preference-dataset", help="Preference JSONL.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Train every stage; reuse no earlier output.")] = False,
+    from_stage: Annotated[str | None, typer.Option("--from-stage", help="Train this stage and every later one; "
+                                                   "earlier ones may come from the cache.")] = None,
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Start a new run. Exit codes: 0 ok, 1 stage failed, 2 bad input, 3 gate rejected, 130 interrupted."""
+    """Start a new run. Exit codes: 0 ok, 1 stage failed, 2 bad input, 3 gate rejected, 130 interrupted.
+
+    A stage whose fingerprint (settings, inputs, versions) matches a stage that passed in an earlier
+    run, and whose files still verify, is reused (`cached`) instead of trained."""
     from trainpipe import api
 
     _drive(lambda ledger, observer: api.run(config, ledger=ledger, overrides=set_ or [], sft_dataset=sft_dataset,
-                                            preference_dataset=preference_dataset, observer=observer),
+                                            preference_dataset=preference_dataset, observer=observer,
+                                            use_cache=not no_cache, from_stage=from_stage),
            _renderer(json_output), db)
 
 
@@ -144,6 +151,64 @@ def verify(
     report = verify_run(_reader(db), run_id)
     _renderer(json_output).verification(report)
     raise typer.Exit(0 if report["ok"] else EXIT_STAGE_FAILED)
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path | None, typer.Argument(help="Sweep YAML (e.g. configs/sweep_beta.yaml).",
+                                                      show_default=False)] = None,
+    resume_id: Annotated[str | None, typer.Option("--resume", help="Continue this sweep: finished trials are "
+                                                  "kept, an interrupted one resumes, the rest start.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key in every trial, e.g. "
+                                                   "--set output_dir=/tmp/out")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", help="Trials at once (grid and random): this process "
+                                          "plus N-1 `--worker` processes.")] = 1,
+    worker_id: Annotated[str | None, typer.Option("--worker", help="Join this sweep as an extra worker (any "
+                                                  "machine that reaches the ledger through --db).")] = None,
+    db: DbOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Run a sweep: trials over a space of stage settings, sharing unchanged stages through the cache.
+    Exit codes: 0 a best trial was found, 1/3 no trial passed every gate, 2 bad input, 130 interrupted."""
+    from trainpipe.cli.progress import SweepProgress
+    from trainpipe.engine import sweep as sweeps
+
+    if sum(x is not None for x in (sweep_file, resume_id, worker_id)) != 1:
+        raise TrainpipeError("give one of: a sweep file, --resume SWEEP_ID, --worker SWEEP_ID",
+                             hint="trainpipe sweep configs/sweep_beta.yaml")
+    if sweep_file is None and set_:
+        raise TrainpipeError("--set cannot change an existing sweep: its trials keep the settings they "
+                             "started with")
+    if worker_id is not None and parallel != 1:
+        raise TrainpipeError("--parallel applies to the process that starts or resumes a sweep; start more "
+                             "--worker processes instead")
+    renderer = _renderer(json_output)
+    ledger = _ledger(db)
+    observer = SweepProgress(renderer)
+    try:
+        if worker_id is not None:
+            result = sweeps.work(worker_id, ledger=ledger, observer=observer)
+        elif resume_id is not None:
+            result = sweeps.resume(resume_id, ledger=ledger, observer=observer, parallel=parallel)
+        else:
+            result = sweeps.start(str(sweep_file), ledger=ledger, extra_sets=set_ or [], observer=observer,
+                                  parallel=parallel)
+    finally:
+        observer.close()
+    renderer.sweep(result.report)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("sweep-status")
+def sweep_status(
+    sweep_id: Annotated[str, typer.Argument(help="Sweep id (printed when the sweep starts).")],
+    json_output: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """The comparison table of a sweep, from the ledger: params, gates, objective, wall time, the best."""
+    from trainpipe.engine.sweep import report
+
+    _renderer(json_output).sweep(report(_ledger(db), sweep_id))
 
 
 @app.command()

@@ -8,8 +8,9 @@ from typing import Any
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from trainpipe.cli.render import Renderer
+from trainpipe.cli.render import Renderer, _short, _state
 from trainpipe.engine.runner import Observer
+from trainpipe.engine.sweep import SweepObserver
 
 
 class ProgressObserver(Observer):
@@ -18,12 +19,15 @@ class ProgressObserver(Observer):
     def __init__(self, renderer: Renderer):
         self.renderer = renderer
         self.console = renderer.err if renderer.json_mode else renderer.out
+        self._new_bars()
+        self.started = False
+        self.run_id: str | None = None
+
+    def _new_bars(self) -> None:
         self.progress = Progress(TextColumn("{task.description:<6}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
                                  console=self.console, transient=False)
         self.tasks: dict[str, Any] = {}
-        self.started = False
-        self.run_id: str | None = None
 
     def run_created(self, run_id: str, run_dir: str) -> None:
         self.run_id = run_id
@@ -63,6 +67,9 @@ class ProgressObserver(Observer):
         elif state == "skipped":
             self._ensure_started()
             self.progress.console.print(f"{stage}: skipped (disabled)")
+        elif state == "cached":
+            self._ensure_started()
+            self.progress.console.print(f"{stage}: [green]cached[/]")
         if error:
             self.progress.console.print(f"[red]{stage}: {escape(error)}[/]", soft_wrap=True)
 
@@ -74,3 +81,23 @@ class ProgressObserver(Observer):
         if self.started:
             self.progress.stop()
             self.started = False
+
+
+class SweepProgress(ProgressObserver, SweepObserver):
+    """Each trial's runs as usual, under a line naming the trial and its parameters."""
+
+    def sweep_created(self, sweep_id: str, total: int) -> None:
+        if self.renderer.json_mode:
+            self.console.print(f"sweep id: {sweep_id}")
+        else:
+            self.renderer.out.print(f"Sweep [bold]{sweep_id}[/] ({total} trials)")
+
+    def trial_started(self, number: int, total: int, params: dict[str, Any], run_id: str, resumed: bool) -> None:
+        self.close()
+        self._new_bars()  # a fresh set of bars per trial
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
+        self.console.rule(f"trial {number + 1}/{total}{' (resumed)' if resumed else ''}: {escape(shown)}")
+
+    def trial_finished(self, number: int, state: str, objective: float | None) -> None:
+        self.close()
+        self.console.print(f"trial {number + 1}: {_state(state)}, objective {_short(objective)}")

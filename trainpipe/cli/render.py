@@ -61,6 +61,20 @@ def _short(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _source(stage: dict[str, Any]) -> str:
+    """Trained here, or reused from where (inspect and the run summary)."""
+    if stage.get("source") == "cached":
+        origin = stage["cached_from"]
+        trained = origin.get("trained_in")
+        where = f"run {origin['run_id']} (stage {origin['stage']})"
+        if trained and trained != origin["run_id"]:
+            where += f", trained in run {trained}"
+        return f"reused from {where}: nothing trained"
+    if stage.get("source") == "trained":
+        return "trained in this run"
+    return "not run"
+
+
 class Renderer:
     def __init__(self, json_mode: bool = False):
         self.json_mode = json_mode
@@ -169,6 +183,11 @@ class Renderer:
             self.out.rule(f"stage {stage['name']}")
             self.out.print(f"state {_state(stage['state'])}, attempts {stage['attempts']}, "
                            f"output {stage['output_path'] or '-'}")
+            self.out.print(f"  {_source(stage)}", markup=False, soft_wrap=True)
+            if stage.get("cache_note"):
+                self.out.print(f"  cache: {stage['cache_note']}", markup=False, soft_wrap=True)
+            if stage.get("fingerprint"):
+                self.out.print(f"  fingerprint: {stage['fingerprint']}", markup=False)
             for attempt in stage["attempt_history"]:
                 extra = f", resumed from {attempt['resumed_from']}" if attempt["resumed_from"] else ""
                 extra += f", overrides {attempt['overrides']}" if attempt["overrides"] else ""
@@ -191,7 +210,8 @@ class Renderer:
                 self.out.print(f"  {name:<18} {sparkline(values)}  {_short(values[0])} -> {_short(values[-1])} "
                                f"over {len(values)} logged steps", markup=False)
             if stage["gate"]:
-                self._gate_table(stage["gate"]["name"], stage["gate"]["checks"], stage["gate"]["passed"])
+                self._gate_table(stage["gate"]["name"], stage["gate"]["checks"], stage["gate"]["passed"],
+                                 carried_from=stage["gate"].get("carried_from"))
         self.out.rule("transitions")
         table = Table()
         for column in ("#", "time", "stage", "from", "to", "trigger", "pid"):
@@ -201,8 +221,10 @@ class Renderer:
                           t["to_state"], t["trigger"], str(t["pid"]))
         self.out.print(table)
 
-    def _gate_table(self, name: str, checks: list[dict[str, Any]], passed: bool, only_failed: bool = False) -> None:
-        table = Table(title=f"gate {name}: {'passed' if passed else 'REJECTED'}")
+    def _gate_table(self, name: str, checks: list[dict[str, Any]], passed: bool, only_failed: bool = False,
+                    carried_from: str | None = None) -> None:
+        carried = f" (carried over from run {carried_from}, not re-run)" if carried_from else ""
+        table = Table(title=f"gate {name}: {'passed' if passed else 'REJECTED'}{carried}")
         for column in ("check", "result", "value", "threshold", "time", "details"):
             table.add_column(column)
         for check in checks:
@@ -230,10 +252,15 @@ class Renderer:
             value = f"{key}={_short(metrics.get(key))}" if key in metrics else "-"
             took = sum(a["duration_s"] for a in stage["attempt_history"])
             gate = stage["gate"]
+            verdict = "-" if gate is None else ("passed" if gate["passed"] else "[red]rejected[/]")
+            if gate is not None and gate.get("carried_from"):
+                verdict += " (carried over)"
             table.add_row(stage["name"], _state(stage["state"]), str(stage["attempts"]),
-                          f"{took:.1f}s" if stage["attempts"] else "-", value,
-                          "-" if gate is None else ("passed" if gate["passed"] else "[red]rejected[/]"))
+                          f"{took:.1f}s" if stage["attempts"] else "-", value, verdict)
         self.out.print(table)
+        for stage in report["stages"]:
+            if stage["state"] == "cached":
+                self.out.print(f"{stage['name']}: {_source(stage)}", markup=False, soft_wrap=True)
         if result.rejected_gate is not None:
             gate = result.rejected_gate
             self._gate_table(gate.gate, gate.as_rows(), False, only_failed=True)
@@ -253,3 +280,43 @@ class Renderer:
                            f"[bold]trainpipe resume {result.run_id}[/]", soft_wrap=True)
         elif result.state in ("interrupted", "failed"):
             self.out.print(f"resume with: [bold]trainpipe resume {result.run_id}[/]", soft_wrap=True)
+
+
+    # ---------------------------------------------------------------- sweep
+
+    def sweep(self, report: dict[str, Any]) -> None:
+        if self.json_mode:
+            return self.print_json(report)
+        objective = report["objective"]
+        table = Table(title=f"sweep {report['sweep_id']}: {report['state']} ({report['strategy']}, "
+                            f"{objective['direction']} {objective['metric']})")
+        table.add_column("trial", no_wrap=True)
+        for key in report["space"]:
+            table.add_column(key)
+        for stage in ("sft", "merge", "dpo"):
+            table.add_column(f"gate {stage}")
+        for column in ("trained", objective["metric"], "wall", "run"):
+            table.add_column(column, no_wrap=column == "run")
+        for row in report["trials"]:
+            label = f"[bold green]{row['number']} ★ best[/]" if row["best"] else str(row["number"])
+            gates = [_state(state) if state != "-" else "-" for state in row["gates"].values()]
+            table.add_row(label, *[escape(_short(row["params"].get(k))) for k in report["space"]], *gates,
+                          ",".join(row["trained"]) or "-", _short(row["objective"]),
+                          _duration(row["wall_s"]) if row["wall_s"] is not None else "-", row["run_id"])
+        self.out.print(table)
+        trained = report["stage_trainings"]
+        naive = report["naive_stage_trainings"]
+        self.out.print("stage trainings: " + ", ".join(f"{s} {trained[s]}" for s in trained if naive[s])
+                       + f" (without the cache: {', '.join(f'{s} {naive[s]}' for s in naive if naive[s])})")
+        best = report["best"]
+        if best:
+            self.out.print(f"[green]best:[/] trial {best['number']} (run {best['run_id']}), "
+                           f"{objective['metric']} = {_short(best['objective'])}", soft_wrap=True)
+            if report["outputs"]["best_config"] and report["state"] == "finished":
+                self.out.print(f"best config: {report['outputs']['best_config']}", soft_wrap=True)
+        elif report["state"] == "finished":
+            self.out.print("[red]no trial passed every gate[/]; a rejected trial is never chosen")
+        if report["state"] == "finished":
+            self.out.print(f"table: {report['outputs']['table']}", soft_wrap=True)
+        elif report["state"] == "interrupted":
+            self.out.print(f"resume with: [bold]trainpipe sweep --resume {report['sweep_id']}[/]", soft_wrap=True)

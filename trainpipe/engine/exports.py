@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from trainpipe.engine.cache import origin_metrics as stage_metrics
 from trainpipe.stages.base import write_json_atomic
 from trainpipe.store.ledger import Ledger
 
@@ -43,12 +44,23 @@ def pipeline_result(ledger: Ledger, run_id: str) -> dict[str, Any]:
     stages = {s["name"]: s for s in ledger.stages(run_id)}
     attempts = _latest_attempts(ledger, run_id)
     stage_results: dict[str, Any] = {}
-    for name, attempt in attempts.items():
-        metrics = attempt.get("metrics") or {}
-        entry: dict[str, Any] = {
-            "success": stages[name]["state"] == "passed",
-            "time_seconds": (attempt["finished_at"] or attempt["started_at"]) - attempt["started_at"],
-        }
+    for name, row in stages.items():
+        attempt = attempts.get(name)
+        if row["state"] == "cached":
+            metrics, trained_in = stage_metrics(ledger, run_id, name, run["run_dir"])
+            # trainpipe additions: how the stage got its output. The time is the reuse's, not the training's.
+            entry: dict[str, Any] = {"success": True, "time_seconds": 0.0, "source": "cached",
+                                     "reused_from": {"run_id": row["cached_from_run"],
+                                                     "stage": row["cached_from_stage"], "trained_in": trained_in}}
+        elif attempt is not None:
+            metrics = attempt.get("metrics") or {}
+            entry = {"success": row["state"] == "passed",
+                     "time_seconds": (attempt["finished_at"] or attempt["started_at"]) - attempt["started_at"],
+                     "source": "trained"}
+            if row["cache_note"]:
+                entry["cache_note"] = row["cache_note"]
+        else:
+            continue
         if name == "merge":
             entry["size_gb"] = metrics.get("size_gb")
         else:
@@ -60,7 +72,7 @@ def pipeline_result(ledger: Ledger, run_id: str) -> dict[str, Any]:
         "success": run["state"] == "succeeded",
         "pipeline_id": run["pipeline_id"],
         "final_model_path": run["final_model_path"] if run["state"] == "succeeded" else None,
-        "stages_completed": [s for s, row in stages.items() if row["state"] == "passed"],
+        "stages_completed": [s for s, row in stages.items() if row["state"] in ("passed", "cached")],
         "total_time_seconds": finished - run["created_at"],
         "stage_results": stage_results,
         "errors": errors,
@@ -75,10 +87,18 @@ def write_exports(ledger: Ledger, run_id: str) -> dict[str, Any]:
     run = ledger.get_run(run_id)
     run_dir = Path(run["run_dir"])
     result = pipeline_result(ledger, run_id)
-    for name, attempt in _latest_attempts(ledger, run_id).items():
+    attempts = _latest_attempts(ledger, run_id)
+    for row in ledger.stages(run_id):
+        name = row["name"]
         folder, filename = STAGE_FILES[name]
+        if row["state"] == "cached":
+            metrics = stage_metrics(ledger, run_id, name, run["run_dir"])[0]
+        elif name in attempts:
+            metrics = attempts[name].get("metrics") or {}
+        else:
+            continue
         if (run_dir / folder).is_dir():
-            write_json_atomic(run_dir / folder / filename, stage_file_payload(name, attempt.get("metrics") or {}))
+            write_json_atomic(run_dir / folder / filename, stage_file_payload(name, metrics))
     write_json_atomic(run_dir / "pipeline_result.json", result)
     write_json_atomic(Path(run["output_dir"]) / "pipeline_result.json", result)
     return result

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from trainpipe.engine import liveness
+from trainpipe.engine import cache, liveness
 from trainpipe.paths import check_run_id
 
 if TYPE_CHECKING:
@@ -38,6 +38,13 @@ def status_rows(ledger: LedgerReader, *, show_all: bool = False, limit: int = 20
     return rows
 
 
+def stage_source(stage: dict[str, Any], has_attempts: bool) -> str | None:
+    """How a stage got its output: "trained" in this run, "cached" (reused), or None (none yet)."""
+    if stage["state"] == "cached":
+        return "cached"
+    return "trained" if has_attempts else None
+
+
 def run_report(ledger: LedgerReader, run_id: str) -> dict[str, Any]:
     run = ledger.get_run(check_run_id(run_id))
     run = liveness.reconcile(ledger, [run], time.time())[0]
@@ -50,12 +57,21 @@ def run_report(ledger: LedgerReader, run_id: str) -> dict[str, Any]:
         name = stage["name"]
         mine = [a for a in attempts if a["stage"] == name]
         gate = next((g for g in reversed(gates) if g["stage"] == name), None)
+        metrics = (mine[-1]["metrics"] or {}) if mine else {}
+        trained_in = None
+        if stage["state"] == "cached":
+            metrics, trained_in = cache.origin_metrics(ledger, run_id, name, run["run_dir"])
         stages.append({
             "name": name,
             "state": stage["state"],
+            "source": stage_source(stage, bool(mine)),
+            "cached_from": {"run_id": stage["cached_from_run"], "stage": stage["cached_from_stage"],
+                            "trained_in": trained_in} if stage["state"] == "cached" else None,
+            "cache_note": stage["cache_note"],
+            "fingerprint": stage["fingerprint"],
             "attempts": len(mine),
             "output_path": stage["output_path"],
-            "metrics": (mine[-1]["metrics"] or {}) if mine else {},
+            "metrics": metrics,
             "attempt_history": [{
                 "attempt": a["attempt"], "outcome": a["outcome"], "started_at": a["started_at"],
                 "finished_at": a["finished_at"],
@@ -68,7 +84,7 @@ def run_report(ledger: LedgerReader, run_id: str) -> dict[str, Any]:
                             for c in checkpoints if c["stage"] == name],
             "curves": curves.get(name, {}),
             "gate": None if gate is None else {
-                "name": gate["gate"], "passed": bool(gate["passed"]),
+                "name": gate["gate"], "passed": bool(gate["passed"]), "carried_from": gate["carried_from"],
                 "checks": [{k: c[k] for k in ("name", "passed", "severity", "mode", "value", "threshold",
                                                "duration_s", "details")} for c in gate["checks"]],
             },

@@ -19,7 +19,8 @@ from typing import Any, NamedTuple
 
 from trainpipe import checkpoints, failures
 from trainpipe.config import STAGE_ORDER, PipelineConfig, config_from_snapshot, ineffective_overrides, load_config
-from trainpipe.engine import liveness, preflight
+from trainpipe.engine import cache, liveness, preflight
+from trainpipe.engine.fingerprint import base_model_identity, stage_fingerprint, upstream_stage
 from trainpipe.engine.exports import write_exports
 from trainpipe.engine.machine import RUN_RESUMABLE, STAGE_DONE, RunState, next_state
 from trainpipe.engine.supervisor import ChildOutcome, StageWorkers, run_child, worker_mode
@@ -29,6 +30,7 @@ from trainpipe.errors import (
     EXIT_OK,
     EXIT_STAGE_FAILED,
     EXIT_USAGE,
+    ConfigError,
     IllegalTransition,
     RunOwned,
 )
@@ -41,6 +43,8 @@ from trainpipe.store.ledger import Ledger, StaleState
 from trainpipe.validators.gate import GateOutcome
 
 RETRY_BACKOFF_S = float(os.environ.get("TRAINPIPE_RETRY_BACKOFF_S", "5"))
+# How often a run waiting for another run's training of the same stage looks again.
+LEASE_POLL_S = float(os.environ.get("TRAINPIPE_LEASE_POLL_S", "1"))
 
 
 class Observer:
@@ -79,11 +83,16 @@ def new_run_id(pipeline_id: str) -> str:
 
 def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = None,
           sft_dataset: str | None = None, preference_dataset: str | None = None,
-          observer: Observer | None = None, run_id: str | None = None) -> RunResult:
-    """Validate everything, then create and drive a new run. Bad input raises before any write."""
+          observer: Observer | None = None, run_id: str | None = None, use_cache: bool = True,
+          from_stage: str | None = None, cwd: str | None = None) -> RunResult:
+    """Validate everything, then create and drive a new run. Bad input raises before any write.
+
+    `use_cache=False` trains every stage; `from_stage` trains that stage and every later one, and
+    lets earlier ones come from the cache."""
     worker_mode()
     config = load_config(config_path, overrides=overrides, sft_dataset=sft_dataset,
-                         preference_dataset=preference_dataset)
+                         preference_dataset=preference_dataset, cwd=cwd)
+    check_from_stage(config, from_stage, config_path)
     validate_inputs(config)
     preflight.check(config, ledger)
     run_id = check_run_id(run_id or new_run_id(config.pipeline_id))
@@ -91,7 +100,8 @@ def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = Non
     observer = observer or Observer()
     ledger.create_run(run_id=run_id, pipeline_id=config.pipeline_id, config_snapshot=config.model_dump(mode="json"),
                       config_path=str(Path(config_path).resolve()), output_dir=config.output_dir,
-                      run_dir=str(run_dir), stages=[name for name in STAGE_ORDER])
+                      run_dir=str(run_dir), stages=[name for name in STAGE_ORDER],
+                      cache_policy={"use_cache": use_cache, "from_stage": from_stage})
     observer.run_created(run_id, str(run_dir))
     # After the run id: scripts read it from the first line of the output.
     for note in ineffective_overrides(config, overrides or []):
@@ -123,6 +133,15 @@ def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None) -> 
     observer = observer or Observer()
     observer.run_created(run_id, run["run_dir"])
     return _drive(ledger, run_id, observer)
+
+
+def check_from_stage(config: PipelineConfig, from_stage: str | None, source: str) -> None:
+    if from_stage is None:
+        return
+    if from_stage not in STAGE_ORDER:
+        raise ConfigError(f"--from-stage {from_stage}: no such stage; use one of {', '.join(STAGE_ORDER)}")
+    if not config.enabled(from_stage):
+        raise ConfigError(f"--from-stage {from_stage}: stage '{from_stage}' is disabled in {source}")
 
 
 def validate_inputs(config: PipelineConfig) -> None:
@@ -199,9 +218,12 @@ def _drive(ledger: Ledger, run_id: str, observer: Observer, fault_point: str | N
             if fault_point:
                 _fault_point(fault_point)
             run_dir.mkdir(parents=True, exist_ok=True)
+            fingerprints: dict[str, str | None] = {}
+            base_identity: list[dict[str, Any]] = []  # computed once, by the first stage that needs it
             for stage_row in ledger.stages(run_id):
                 name = stage_row["name"]
                 if stage_row["state"] in STAGE_DONE:
+                    fingerprints[name] = stage_row["fingerprint"]
                     continue
                 if stop.requested:
                     return _finish(ledger, run_id, "interrupt", EXIT_INTERRUPTED, errors, observer)
@@ -210,7 +232,19 @@ def _drive(ledger: Ledger, run_id: str, observer: Observer, fault_point: str | N
                                             detail={"reason": "disabled in config"})
                     observer.stage_finished(name, "skipped", {}, None, None)
                     continue
-                end = _run_stage(ledger, run_id, config, run_dir, name, observer, stop, workers)
+                if not base_identity:
+                    base_identity.append(base_model_identity(config.base_model))
+                fingerprints[name] = _fingerprint(config, name, fingerprints, base_identity[0])
+                reuse = _reuse_cached(ledger, run, config, stage_row, fingerprints[name], observer, stop)
+                if reuse == "cached":
+                    continue
+                if reuse == "interrupted":
+                    return _finish(ledger, run_id, "interrupt", EXIT_INTERRUPTED, errors, observer)
+                try:
+                    end = _run_stage(ledger, run_id, config, run_dir, name, observer, stop, workers)
+                finally:
+                    if fingerprints[name]:
+                        ledger.release_stage_lease(fingerprints[name], run_id)
                 if end.error:
                     errors.append(f"{name}: {end.error}")
                 if end.state == "interrupted":
@@ -255,7 +289,7 @@ def _finish(ledger: Ledger, run_id: str, trigger: str, exit_code: int, errors: l
 
 
 def _stage_inputs(ledger: Ledger, run_id: str, config: PipelineConfig, name: str) -> dict[str, str | None]:
-    outputs = {s["name"]: s["output_path"] for s in ledger.stages(run_id) if s["state"] == "passed"}
+    outputs = {s["name"]: s["output_path"] for s in ledger.stages(run_id) if s["state"] in ("passed", "cached")}
     if name == "sft":
         return {"base_model": config.base_model}
     if name == "merge":
@@ -266,6 +300,101 @@ def _stage_inputs(ledger: Ledger, run_id: str, config: PipelineConfig, name: str
         # merge disabled: DPO continues the SFT adapter on the base, against the frozen SFT policy
         return {"policy_model": config.base_model, "policy_adapter": outputs["sft"]}
     return {"policy_model": config.base_model}
+
+
+def _fingerprint(config: PipelineConfig, name: str, fingerprints: dict[str, str | None],
+                 base_identity: dict[str, Any]) -> str | None:
+    up = upstream_stage(config, name)
+    if up is not None and fingerprints.get(up) is None:
+        return None  # its input came from a stage run before this ledger had fingerprints: unknown
+    return stage_fingerprint(config, name, fingerprints.get(up) if up else None, base_model=base_identity)
+
+
+def _reuse_cached(ledger: Ledger, run: dict[str, Any], config: PipelineConfig, stage_row: dict[str, Any],
+                  fingerprint: str | None, observer: Observer, stop: _StopFlag) -> str:
+    """Record the stage's fingerprint; make the stage `cached` from an earlier run's verified output if
+    the run's cache policy allows. Returns "cached" (nothing to train), "train", or "interrupted"
+    (stopped while waiting for another run that is training the same stage).
+
+    A run that trains a stage holds the lease on its fingerprint (released by `_drive` when the stage
+    ends), so a run that needs the same stage meanwhile waits and then reuses it, rather than
+    training it a second time at the same moment (concurrent runs, parallel sweep trials)."""
+    run_id, name = run["run_id"], stage_row["name"]
+    if stage_row["state"] != "pending":
+        # Started in this run already (a resume): it continues from its own checkpoints, and keeps the
+        # note on why it was trained. It takes back its lease unless another live run holds it (then
+        # both train: the FSM has no way to turn a started stage into a cached one).
+        ledger.set_stage_cache_info(run_id, name, fingerprint=fingerprint, cache_note=stage_row["cache_note"])
+        if fingerprint:
+            _lease(ledger, run_id, name, fingerprint)
+        return "train"
+    policy = run.get("cache_policy") or {"use_cache": True, "from_stage": None}
+    from_stage = policy.get("from_stage")
+    note: str | None = None
+    if fingerprint is None:
+        note = f"not looked up: the {upstream_stage(config, name)} output it reads has no fingerprint"
+    elif not policy.get("use_cache", True):
+        note = "not looked up: cache disabled for this run (--no-cache)"
+    elif from_stage and STAGE_ORDER.index(name) >= STAGE_ORDER.index(from_stage):
+        note = f"not looked up: rerun requested from stage {from_stage} (--from-stage)"
+    if note is not None:
+        ledger.set_stage_cache_info(run_id, name, fingerprint=fingerprint, cache_note=note)
+        if fingerprint:
+            _lease(ledger, run_id, name, fingerprint)  # others may wait for this output; we never wait
+        return "train"
+    assert fingerprint is not None
+    waited_for: str | None = None
+    while True:
+        hit, problems = cache.find(ledger, run_id, name, fingerprint)
+        if hit is not None:
+            break
+        holder = _lease(ledger, run_id, name, fingerprint)
+        if holder is None:
+            break  # ours to train
+        if waited_for != holder["run_id"]:
+            waited_for = holder["run_id"]
+            observer.note(f"{name}: run {waited_for} is training the same {name} (same fingerprint); "
+                          "waiting to reuse its output")
+        if stop.requested:
+            return "interrupted"
+        ledger.heartbeat(run_id)
+        time.sleep(LEASE_POLL_S)
+    note = "not reused: " + "; ".join(problems) if hit is None and problems else None
+    ledger.set_stage_cache_info(run_id, name, fingerprint=fingerprint, cache_note=note)
+    if hit is None:
+        if note:
+            observer.note(f"{name}: an earlier output was {note}; training it again")
+        return "train"
+    source = hit.candidate
+    run_dir = run["run_dir"]
+    output_dir = inside(run_dir, OUTPUT_DIRS[name])
+    how = cache.link_into(Path(source["output_path"]), hit.files, output_dir)
+    metrics, origin = cache.origin_metrics(ledger, source["run_id"], name, run_dir)
+    ledger.reuse_stage(run_id, name, _fsm("stage", "reuse_cached"), source_run=source["run_id"],
+                       output_path=str(output_dir),
+                       files=[(str(output_dir / rel), size, digest) for rel, size, digest in hit.files],
+                       final_model_path=metrics.get("final_model_path"),
+                       detail={"fingerprint": fingerprint, "source_run": source["run_id"], "trained_in": origin,
+                               "source_path": source["output_path"], "files": len(hit.files), "linked_by": how,
+                               "waited_for": waited_for})
+    _fault_point(f"{name}:cached")
+    observer.stage_finished(name, "cached", metrics, None, None)
+    trained = "" if origin == source["run_id"] else f", trained in {origin}"
+    observer.note(f"{name}: reused from run {source['run_id']}{trained} (same fingerprint, files verified; "
+                  "gate result carried over)")
+    return "cached"
+
+
+def _lease(ledger: Ledger, run_id: str, name: str, fingerprint: str) -> dict[str, Any] | None:
+    """Take the stage lease (None), or the row of the live run that holds it. A lease whose run is no
+    longer running, or whose owner is gone, is taken over."""
+    holder = ledger.acquire_stage_lease(fingerprint, name, run_id)
+    if holder is None:
+        return None
+    other = ledger.find_run(holder["run_id"])
+    if other is None or other["state"] != "running" or liveness.owner_gone(other, time.time()):
+        return ledger.acquire_stage_lease(fingerprint, name, run_id, replace_run=holder["run_id"])
+    return holder
 
 
 def newest_verified_checkpoint(ledger: Ledger, run_id: str, stage: str) -> tuple[str | None, list[str]]:

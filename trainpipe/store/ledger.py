@@ -55,14 +55,25 @@ def _add_lookup_indexes(conn: Connection) -> None:
         index.create(conn, checkfirst=True)  # a ledger made by today's create_all has them already
 
 
+def _stage_cache(conn: Connection) -> None:
+    _add_columns(s.stages.c.fingerprint, s.stages.c.cached_from_run, s.stages.c.cached_from_stage,
+                 s.stages.c.cache_note, s.gate_results.c.carried_from, s.runs.c.cache_policy)(conn)
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_stages_fingerprint ON stages (fingerprint)")
+    s.metadata.create_all(conn, tables=[s.stage_leases])
+
+
 # Ordered, named migrations; each runs once and is recorded. New ones go at the end. A ledger that
 # has a name this list lacks was written by a newer trainpipe and is refused, not guessed at.
+# Names are matched as a set, not by position, and every step checks before it adds, so a step
+# merged in later that sorts before one a ledger already has is harmless.
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_initial", lambda conn: s.metadata.create_all(conn)),
     ("0002_error_kinds", _add_columns(s.runs.c.error_kind, s.runs.c.error_traceback,
                                       s.stage_attempts.c.error_kind, s.stage_attempts.c.error_traceback)),
     ("0003_lookup_indexes", _add_lookup_indexes),
     ("0004_attempt_worker", _add_columns(s.stage_attempts.c.worker)),
+    ("0005_stage_cache", _stage_cache),
+    ("0006_sweeps", lambda conn: s.metadata.create_all(conn, tables=[s.sweeps, s.sweep_trials])),
 ]
 assert tuple(name for name, _ in MIGRATIONS) == MIGRATION_NAMES, "store/reader.py lists the same steps"
 
@@ -215,14 +226,14 @@ class Ledger(LedgerReader):
 
     def create_run(self, *, run_id: str, pipeline_id: str, config_snapshot: dict[str, Any],
                    config_path: str | None, output_dir: str, run_dir: str,
-                   stages: Iterable[str]) -> None:
+                   stages: Iterable[str], cache_policy: dict[str, Any] | None = None) -> None:
         """Insert a pending run with its stages pending, and the `create` transition."""
         now = time.time()
         with self._write() as conn:
             conn.execute(insert(s.runs).values(
                 run_id=run_id, pipeline_id=pipeline_id, state="pending", config_path=config_path,
                 config_snapshot=config_snapshot, output_dir=output_dir, run_dir=run_dir,
-                created_at=now, updated_at=now))
+                created_at=now, updated_at=now, cache_policy=cache_policy))
             for position, name in enumerate(stages):
                 conn.execute(insert(s.stages).values(run_id=run_id, name=name, position=position,
                                                      state="pending", updated_at=now))
@@ -285,6 +296,174 @@ class Ledger(LedgerReader):
             conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(**run_values))
             self._append_transition(conn, run_id, stage, current, new, trigger, detail)
             return new
+
+    # ------------------------------------------------------------ stage cache
+
+    def set_stage_cache_info(self, run_id: str, stage: str, *, fingerprint: str | None,
+                             cache_note: str | None) -> None:
+        """Record a stage's fingerprint (computed before it runs) and why no earlier output was reused."""
+        with self._write() as conn:
+            conn.execute(update(s.stages).where(s.stages.c.run_id == run_id, s.stages.c.name == stage)
+                         .values(fingerprint=fingerprint, cache_note=cache_note))
+
+    def cache_candidates(self, stage: str, fingerprint: str, *, exclude_run: str) -> list[dict[str, Any]]:
+        """Stages of other runs with this fingerprint that passed (or were themselves reused), newest
+        first, with their run's run_dir. Whether their files still verify is the caller's to check."""
+        query = (select(s.stages, s.runs.c.run_dir)
+                 .join(s.runs, s.runs.c.run_id == s.stages.c.run_id)
+                 .where(s.stages.c.fingerprint == fingerprint, s.stages.c.name == stage,
+                        s.stages.c.state.in_(["passed", "cached"]), s.stages.c.run_id != exclude_run)
+                 .order_by(s.stages.c.updated_at.desc()))
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def reuse_stage(self, run_id: str, stage: str, resolve: Callable[[str], str], *, source_run: str,
+                    output_path: str, files: Iterable[tuple[str, int, str]], final_model_path: str | None,
+                    detail: dict[str, Any]) -> str:
+        """Make a stage `cached` in one transaction: the transition (a compare-and-set like any
+        other), the link to the source run's stage, the artifacts now in this run's dir, the source's
+        gate result carried over (marked so), and the run's final model path."""
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute(select(s.stages.c.state).where(
+                s.stages.c.run_id == run_id, s.stages.c.name == stage).with_for_update()).first()
+            if row is None:
+                raise RunNotFound(f"run '{run_id}' has no stage '{stage}'")
+            new = resolve(row.state)
+            conn.execute(update(s.stages).where(s.stages.c.run_id == run_id, s.stages.c.name == stage).values(
+                state=new, updated_at=now, output_path=output_path, cached_from_run=source_run,
+                cached_from_stage=stage, cache_note=None))
+            rows = [{"run_id": run_id, "stage": stage, "path": p, "size_bytes": n, "sha256": h, "created_at": now}
+                    for p, n, h in files]
+            if rows:
+                conn.execute(insert(s.artifacts), rows)
+            gate = conn.execute(select(s.gate_results).where(
+                s.gate_results.c.run_id == source_run, s.gate_results.c.stage == stage)
+                .order_by(s.gate_results.c.id.desc())).mappings().first()
+            if gate is not None:
+                gate_id = conn.execute(insert(s.gate_results).values(
+                    run_id=run_id, stage=stage, attempt_id=None, gate=gate["gate"], passed=gate["passed"],
+                    created_at=now, carried_from=source_run)).inserted_primary_key[0]
+                checks = conn.execute(select(s.gate_checks).where(s.gate_checks.c.gate_result_id == gate["id"])
+                                      .order_by(s.gate_checks.c.id)).mappings().all()
+                if checks:
+                    conn.execute(insert(s.gate_checks), [
+                        {**{k: v for k, v in c.items() if k not in ("id", "gate_result_id")}, "gate_result_id": gate_id}
+                        for c in checks])
+            run_values: dict[str, Any] = {"updated_at": now}
+            if final_model_path is not None:
+                run_values["final_model_path"] = final_model_path
+            conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(**run_values))
+            self._append_transition(conn, run_id, stage, row.state, new, "reuse_cached", detail)
+            return new
+
+    # ------------------------------------------------------------ sweeps
+
+    def create_sweep(self, *, sweep_id: str, sweep_file: str, spec: dict[str, Any]) -> None:
+        """Insert a running sweep owned by this process."""
+        now = time.time()
+        with self._write() as conn:
+            conn.execute(insert(s.sweeps).values(sweep_id=sweep_id, state="running", sweep_file=sweep_file,
+                                                 spec=spec, created_at=now, updated_at=now,
+                                                 owner_pid=os.getpid(), owner_host=HOST))
+
+    def get_sweep(self, sweep_id: str) -> dict[str, Any]:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(s.sweeps).where(s.sweeps.c.sweep_id == sweep_id)).mappings().first()
+        if row is None:
+            raise RunNotFound(f"no sweep with id '{sweep_id}'")
+        return dict(row)
+
+    def set_sweep_state(self, sweep_id: str, state: str, *, expect_state: str | None = None,
+                        set_owner: bool = False, **fields: Any) -> None:
+        """Move a sweep to `state`; with `expect_state`, only from that state (a compare-and-set, as for
+        runs: of two processes resuming one sweep, one raises StaleState)."""
+        with self._write() as conn:
+            row = conn.execute(select(s.sweeps.c.state).where(s.sweeps.c.sweep_id == sweep_id)).first()
+            if row is None:
+                raise RunNotFound(f"no sweep with id '{sweep_id}'")
+            if expect_state is not None and row.state != expect_state:
+                raise StaleState(f"sweep {sweep_id} is {row.state}, not {expect_state}")
+            values: dict[str, Any] = {"state": state, "updated_at": time.time(), **fields}
+            if set_owner:
+                values.update(owner_pid=os.getpid(), owner_host=HOST)
+            elif state != "running":
+                values.update(owner_pid=None, owner_host=None)
+            values["finished_at"] = time.time() if state == "finished" else None
+            conn.execute(update(s.sweeps).where(s.sweeps.c.sweep_id == sweep_id).values(**values))
+
+    def add_sweep_trials(self, sweep_id: str, trials: list[tuple[int, dict[str, Any], str]], *,
+                         claim: bool = False) -> None:
+        """Record trials (number, params, run id): `pending`, or with `claim` running and owned by this
+        process."""
+        now = time.time()
+        owner = {"state": "running", "owner_pid": os.getpid(), "owner_host": HOST, "claimed_at": now} if claim \
+            else {"state": "pending"}
+        with self._write() as conn:
+            conn.execute(insert(s.sweep_trials), [
+                {"sweep_id": sweep_id, "number": number, "params": params, "run_id": run_id, "created_at": now,
+                 **owner} for number, params, run_id in trials])
+
+    def claim_sweep_trial(self, sweep_id: str, number: int, *, expect_state: str,
+                          expect_owner: tuple[int | None, str | None]) -> bool:
+        """Compare-and-set a trial to `running`, owned by this process, if it is still in the state and
+        owned by the owner the caller saw. Of two workers claiming one trial, exactly one gets True."""
+        with self._write() as conn:
+            result = conn.execute(update(s.sweep_trials).where(
+                s.sweep_trials.c.sweep_id == sweep_id, s.sweep_trials.c.number == number,
+                s.sweep_trials.c.state == expect_state,
+                s.sweep_trials.c.owner_pid.is_(None) if expect_owner[0] is None
+                else s.sweep_trials.c.owner_pid == expect_owner[0],
+                s.sweep_trials.c.owner_host.is_(None) if expect_owner[1] is None
+                else s.sweep_trials.c.owner_host == expect_owner[1],
+            ).values(state="running", owner_pid=os.getpid(), owner_host=HOST, claimed_at=time.time()))
+            return result.rowcount == 1
+
+    # ------------------------------------------------------------ stage leases
+
+    def acquire_stage_lease(self, fingerprint: str, stage: str, run_id: str, *,
+                            replace_run: str | None = None) -> dict[str, Any] | None:
+        """Take the lease on training this fingerprint for `run_id`: None when it is ours (it was free,
+        already ours, or held by `replace_run`, whose owner the caller found dead), else the holder's row."""
+        with self._write() as conn:
+            row = conn.execute(select(s.stage_leases).where(s.stage_leases.c.fingerprint == fingerprint)).mappings().first()
+            if row is None:
+                conn.execute(insert(s.stage_leases).values(fingerprint=fingerprint, stage=stage, run_id=run_id,
+                                                           claimed_at=time.time()))
+                return None
+            if row["run_id"] == run_id:
+                return None
+            if replace_run is not None and row["run_id"] == replace_run:
+                conn.execute(update(s.stage_leases).where(s.stage_leases.c.fingerprint == fingerprint)
+                             .values(run_id=run_id, stage=stage, claimed_at=time.time()))
+                return None
+            return dict(row)
+
+    def release_stage_lease(self, fingerprint: str, run_id: str) -> None:
+        with self._write() as conn:
+            conn.execute(s.stage_leases.delete().where(s.stage_leases.c.fingerprint == fingerprint,
+                                                       s.stage_leases.c.run_id == run_id))
+
+    def stage_leases(self) -> list[dict[str, Any]]:
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(s.stage_leases)).mappings()]
+
+    def finish_sweep_trial(self, sweep_id: str, number: int, objective: float | None) -> None:
+        with self._write() as conn:
+            conn.execute(update(s.sweep_trials).where(s.sweep_trials.c.sweep_id == sweep_id,
+                                                      s.sweep_trials.c.number == number)
+                         .values(state="done", objective=objective, finished_at=time.time()))
+
+    def sweep_trials(self, sweep_id: str) -> list[dict[str, Any]]:
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(s.sweep_trials).where(
+                s.sweep_trials.c.sweep_id == sweep_id).order_by(s.sweep_trials.c.number)).mappings()]
+
+    def find_run(self, run_id: str) -> dict[str, Any] | None:
+        try:
+            return self.get_run(run_id)
+        except RunNotFound:
+            return None
 
     def heartbeat(self, run_id: str) -> bool:
         """Refresh the owner's heartbeat; False if this process no longer owns the run."""

@@ -28,7 +28,8 @@ HOST = socket.gethostname()
 LEDGER_HINT = "pass --db sqlite:///PATH (or set TRAINPIPE_DB) to use another ledger"
 
 # The schema steps this version knows, in order; store/ledger.py pairs each with its migration.
-MIGRATION_NAMES = ("0001_initial", "0002_error_kinds", "0003_lookup_indexes", "0004_attempt_worker")
+MIGRATION_NAMES = ("0001_initial", "0002_error_kinds", "0003_lookup_indexes", "0004_attempt_worker",
+                   "0005_stage_cache", "0006_sweeps")
 
 # SQLite stores JSON as text and booleans as 0/1; rows are decoded by column name.
 _JSON_COLUMNS = frozenset({"config_snapshot", "overrides", "metrics", "detail", "value", "threshold"})
@@ -230,6 +231,27 @@ class LedgerReader:
             return self._read(f"SELECT * FROM {table} WHERE run_id = :run_id AND stage = :stage ORDER BY id",
                               run_id=run_id, stage=stage)
         return self._read(f"SELECT * FROM {table} WHERE run_id = :run_id ORDER BY id", run_id=run_id)
+
+    def trained_origin(self, run_id: str, stage: str) -> dict[str, Any] | None:
+        """For a `cached` stage, the run that trained it (following reuse of reuse) and that run's last
+        attempt; None for a stage that was not reused, or whose origin is no longer in the ledger."""
+        seen = set()
+        current = run_id
+        while current not in seen:
+            seen.add(current)
+            rows = self._read("SELECT state, cached_from_run FROM stages WHERE run_id = :run_id AND name = :stage",
+                              run_id=current, stage=stage)
+            if not rows:
+                return None
+            if rows[0]["state"] != "cached":
+                if current == run_id:
+                    return None
+                attempts = self.attempts(current, stage)
+                run_dir = self._read("SELECT run_dir FROM runs WHERE run_id = :run_id", run_id=current)
+                return {"run_id": current, "run_dir": run_dir[0]["run_dir"] if run_dir else None,
+                        "attempt": attempts[-1] if attempts else None}
+            current = rows[0]["cached_from_run"]
+        return None
 
     def integrity_check(self) -> str:
         return str(self._read("PRAGMA integrity_check")[0]["integrity_check"])

@@ -39,6 +39,8 @@ runs = Table(
     Column("error", Text),
     Column("error_kind", String(16)),  # user, transient, bug (trainpipe/failures.py); migration 0002
     Column("error_traceback", Text),   # kept for `bug`: what `inspect` shows
+    # migration 0005: {"use_cache": bool, "from_stage": str | None}; a resume keeps the run's choice
+    Column("cache_policy", JSON),
 )
 Index("ix_runs_created", runs.c.created_at)
 
@@ -50,7 +52,13 @@ stages = Table(
     Column("state", String(16), nullable=False),
     Column("output_path", Text),
     Column("updated_at", Float, nullable=False),
+    # migration 0005: the stage cache (engine/cache.py)
+    Column("fingerprint", String(64)),        # computed before the stage runs (engine/fingerprint.py)
+    Column("cached_from_run", String(128)),   # a `cached` stage: the run whose verified output it reuses
+    Column("cached_from_stage", String(16)),
+    Column("cache_note", Text),               # why an earlier output was not reused, when one existed
 )
+Index("ix_stages_fingerprint", stages.c.fingerprint)
 
 stage_attempts = Table(
     "stage_attempts", metadata,
@@ -112,6 +120,7 @@ gate_results = Table(
     Column("gate", String(32), nullable=False),
     Column("passed", Boolean, nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("carried_from", String(128)),  # migration 0005: copied from this run's gate when the stage was cached
 )
 
 gate_checks = Table(
@@ -161,8 +170,50 @@ LOOKUP_INDEXES = [
     Index("ix_artifacts_run", artifacts.c.run_id),
 ]
 
+# migration 0005: which run is training a stage of a given fingerprint right now, so that another run
+# needing the same stage waits and reuses it rather than training it a second time concurrently.
+stage_leases = Table(
+    "stage_leases", metadata,
+    Column("fingerprint", String(64), primary_key=True),
+    Column("stage", String(16), nullable=False),
+    Column("run_id", String(128), nullable=False),
+    Column("claimed_at", Float, nullable=False),
+)
+
 schema_migrations = Table(
     "schema_migrations", metadata,
     Column("name", String(64), primary_key=True),
     Column("applied_at", Float, nullable=False),
+)
+
+# migration 0006: sweeps (engine/sweep.py). A trial is an ordinary run; sweep_trials links it.
+sweeps = Table(
+    "sweeps", metadata,
+    Column("sweep_id", String(128), primary_key=True),
+    Column("state", String(16), nullable=False),  # running, interrupted, finished
+    Column("sweep_file", Text),
+    Column("spec", JSON, nullable=False),         # the validated sweep file, paths resolved
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("owner_pid", Integer),
+    Column("owner_host", String(255)),
+    Column("best_trial", Integer),
+)
+
+sweep_trials = Table(
+    "sweep_trials", metadata,
+    Column("sweep_id", String(128), ForeignKey("sweeps.sweep_id", ondelete="CASCADE"), primary_key=True),
+    Column("number", Integer, primary_key=True),  # Optuna's trial number
+    Column("params", JSON, nullable=False),
+    # Not a foreign key: the row is written before its run, so a sweep killed in between finds the
+    # id on resume and starts the run under it.
+    Column("run_id", String(128), nullable=False),
+    Column("state", String(16), nullable=False),  # pending, running (claimed by owner_pid), done
+    Column("objective", Float),
+    Column("created_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("owner_pid", Integer),   # the process that claimed it last (kept when done: who ran it)
+    Column("owner_host", String(255)),
+    Column("claimed_at", Float),
 )

@@ -1,0 +1,176 @@
+"""The stage cache for real: trained runs, re-runs that reuse them, and artifacts altered or deleted
+on disk. Training is counted from the ledger: a stage trained in a run has attempt rows there; a
+reused one has none and is `cached`, linked to the run it came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import QUICKSTART, fast_overrides
+
+import trainpipe
+from trainpipe.config import load_config
+from trainpipe.engine.fingerprint import stage_fingerprint
+from trainpipe.store.ledger import Ledger
+
+
+def _trained(ledger: Ledger, run_id: str) -> list[str]:
+    """Stages that trained (ran at least one attempt) in this run."""
+    return sorted({a["stage"] for a in ledger.attempts(run_id)}, key=["sft", "merge", "dpo"].index)
+
+
+def _states(ledger: Ledger, run_id: str) -> dict[str, str]:
+    return {s["name"]: s["state"] for s in ledger.stages(run_id)}
+
+
+def _stage(ledger: Ledger, run_id: str, name: str) -> dict:
+    return next(s for s in ledger.stages(run_id) if s["name"] == name)
+
+
+def _run_without_torch(overrides: list[str]) -> dict:
+    """`trainpipe.run` in a fresh interpreter that fails if torch (or any training library) got imported."""
+    code = (
+        "import json, sys\n"
+        "import trainpipe\n"
+        f"result = trainpipe.run({str(QUICKSTART)!r}, overrides={overrides!r})\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules]\n"
+        "print(json.dumps({'run_id': result.run_id, 'state': result.state, 'heavy': heavy,"
+        " 'final': result.final_model_path}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(),
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_rerun_reuses_every_stage_and_retrains_only_what_must(tmp_path, db_url):
+    overrides = fast_overrides(tmp_path / "out")
+    ledger = Ledger(db_url)
+
+    first = trainpipe.run(QUICKSTART, overrides=overrides)
+    assert first.state == "succeeded", first.errors
+    assert _trained(ledger, first.run_id) == ["sft", "merge", "dpo"]
+    fingerprints = {s["name"]: s["fingerprint"] for s in ledger.stages(first.run_id)}
+    assert all(fingerprints.values()) and len(set(fingerprints.values())) == 3
+
+    # 1. Identical config: nothing trains, nothing imports torch, every stage is linked to run 1.
+    second = _run_without_torch(overrides)
+    assert second["state"] == "succeeded" and second["heavy"] == []
+    run2 = second["run_id"]
+    assert _states(ledger, run2) == {"sft": "cached", "merge": "cached", "dpo": "cached"}
+    assert ledger.attempts(run2) == []
+    for name in ("sft", "merge", "dpo"):
+        row = _stage(ledger, run2, name)
+        assert (row["cached_from_run"], row["cached_from_stage"]) == (first.run_id, name)
+        assert row["fingerprint"] == fingerprints[name]
+    # The run's own directory holds the outputs (hard links), and its final model is its own.
+    run2_dir = Path(ledger.get_run(run2)["run_dir"])
+    assert second["final"] == str(run2_dir / "dpo" / "merged")
+    adapter = run2_dir / "dpo" / "adapter_model.safetensors"
+    assert adapter.read_bytes() == (Path(first.run_dir) / "dpo" / "adapter_model.safetensors").read_bytes()
+    # Gate results are carried over, marked as such, with every check.
+    gates = ledger.gates(run2)
+    assert [(g["stage"], g["carried_from"], bool(g["passed"])) for g in gates] == [
+        ("sft", first.run_id, True), ("merge", first.run_id, True), ("dpo", first.run_id, True)]
+    assert [c["name"] for c in gates[2]["checks"]] == [c["name"] for c in ledger.gates(first.run_id)[2]["checks"]]
+    moves = [(t["stage"], t["trigger"]) for t in ledger.transitions(run2) if t["stage"]]
+    assert moves == [("sft", "reuse_cached"), ("merge", "reuse_cached"), ("dpo", "reuse_cached")]
+    result = json.loads((run2_dir / "pipeline_result.json").read_text())
+    assert result["success"] and result["stages_completed"] == ["sft", "merge", "dpo"]
+    assert result["stage_results"]["dpo"]["source"] == "cached"
+    assert result["stage_results"]["dpo"]["reused_from"]["run_id"] == first.run_id
+    assert json.loads((run2_dir / "merged" / "merge_info.json").read_text())["merged_path"] == str(run2_dir / "merged")
+
+    # 2. --from-stage dpo: SFT and merge come from the cache, DPO trains.
+    third = trainpipe.run(QUICKSTART, overrides=overrides, from_stage="dpo")
+    assert third.state == "succeeded", third.errors
+    assert _states(ledger, third.run_id) == {"sft": "cached", "merge": "cached", "dpo": "passed"}
+    assert _trained(ledger, third.run_id) == ["dpo"]
+    assert "--from-stage" in _stage(ledger, third.run_id, "dpo")["cache_note"]
+
+    # 3. Every earlier DPO output damaged: run 1's adapter altered in place (run 2 hard-linked the same
+    #    file, so its copy changed too) and run 3's deleted. DPO trains again, and the ledger says why.
+    with (Path(first.run_dir) / "dpo" / "adapter_model.safetensors").open("r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00\x01\x02\x03")
+    (Path(third.run_dir) / "dpo" / "adapter_model.safetensors").unlink()
+    fourth = trainpipe.run(QUICKSTART, overrides=overrides)
+    assert fourth.state == "succeeded", fourth.errors
+    assert _states(ledger, fourth.run_id) == {"sft": "cached", "merge": "cached", "dpo": "passed"}
+    assert _trained(ledger, fourth.run_id) == ["dpo"]
+    note = _stage(ledger, fourth.run_id, "dpo")["cache_note"]
+    assert f"run {third.run_id}'s dpo output lost adapter_model.safetensors (file missing)" in note
+    assert f"run {first.run_id}'s dpo output changed: adapter_model.safetensors" in note
+    assert f"run {run2}'s dpo output changed" in note
+    report = trainpipe_inspect(fourth.run_id)
+    dpo = next(s for s in report["stages"] if s["name"] == "dpo")
+    assert dpo["source"] == "trained" and dpo["cache_note"] == note
+    sft = next(s for s in report["stages"] if s["name"] == "sft")
+    assert sft["source"] == "cached" and sft["cached_from"]["trained_in"] == first.run_id
+
+    # 4. --no-cache trains SFT although run 1's SFT has the same fingerprint. DPO is off to keep this
+    #    short; SFT's fingerprint does not depend on it (gate 3's settings belong to DPO). A changed
+    #    dpo.beta retraining only DPO is shown by every trial after the first in tests/test_sweep.py.
+    fifth = trainpipe.run(QUICKSTART, overrides=overrides + ["stages.dpo.enabled=false"], use_cache=False)
+    assert fifth.state == "succeeded", fifth.errors
+    assert _trained(ledger, fifth.run_id) == ["sft", "merge"]
+    sft = _stage(ledger, fifth.run_id, "sft")
+    assert sft["fingerprint"] == fingerprints["sft"] and "--no-cache" in sft["cache_note"]
+    assert ledger.get_run(fifth.run_id)["cache_policy"] == {"use_cache": False, "from_stage": None}
+
+
+def trainpipe_inspect(run_id: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "trainpipe.cli.app", "inspect", run_id, "--json"],
+                          capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_from_stage_names_an_unknown_or_disabled_stage_exits_2(tmp_path, db_url):
+    from helpers import cli
+
+    proc = cli("run", str(QUICKSTART), "--from-stage", "dpoo", "--set", f"output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2 and "--from-stage dpoo: no such stage" in proc.stderr
+    proc = cli("run", str(QUICKSTART), "--from-stage", "dpo", "--set", "stages.dpo.enabled=false",
+               "--set", f"output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2 and "stage 'dpo' is disabled" in proc.stderr
+    assert Ledger(db_url).count_runs() == 0
+
+
+def _fingerprints(overrides: list[str]) -> dict[str, str]:
+    config = load_config(QUICKSTART, overrides=overrides)
+    sft = stage_fingerprint(config, "sft", None)
+    merge = stage_fingerprint(config, "merge", sft)
+    return {"sft": sft, "merge": merge, "dpo": stage_fingerprint(config, "dpo", merge)}
+
+
+def test_fingerprint_ignores_what_cannot_change_the_result(tmp_path):
+    base = _fingerprints([])
+    assert _fingerprints([f"output_dir={tmp_path}", "checkpoint_every_n_steps=7", "sft.logging_steps=5",
+                          "sft.save_steps=3", "stages.sft.timeout_minutes=99", "stages.dpo.retry_count=3",
+                          "validation.checks.adapter_loads.timeout_s=5", "save_intermediate=false",
+                          "sft.beta=0.7"]) == base
+
+
+def test_fingerprint_follows_settings_data_and_upstream(tmp_path):
+    base = _fingerprints([])
+    # A DPO setting, or gate 3's threshold, changes DPO only.
+    for override in ("dpo.beta=0.3", "validation.min_accuracy=0.5", "validation.format_threshold=0.5"):
+        changed = _fingerprints([override])
+        assert (changed["sft"], changed["merge"]) == (base["sft"], base["merge"]) and changed["dpo"] != base["dpo"]
+    # An SFT setting, gate 1's threshold, the seed or the SFT data change every stage (through upstream).
+    data = tmp_path / "sft.jsonl"
+    text = (QUICKSTART.parent.parent / "examples" / "task_api" / "sft.jsonl").read_text(encoding="utf-8")
+    data.write_text(text.replace("task", "Task", 1), encoding="utf-8")
+    for override in ("sft.learning_rate=1e-3", "validation.max_loss=3", "seed=7", f"datasets.sft={data}"):
+        changed = _fingerprints([override])
+        assert all(changed[s] != base[s] for s in base), override
+    # merge.dtype changes merge and what follows it.
+    changed = _fingerprints(["merge.dtype=bfloat16"])
+    assert changed["sft"] == base["sft"] and changed["merge"] != base["merge"] and changed["dpo"] != base["dpo"]

@@ -1,0 +1,534 @@
+"""Sweeps: trials of one pipeline over a space of settings, chosen by Optuna (ask-and-tell).
+
+Each trial is an ordinary run (run id `<sweep id>-t<number>`), linked to its sweep in the ledger, so
+`status`, `inspect` and `resume` work on it. Trials share work through the stage cache: trials that
+agree on every setting up to a stage have the same fingerprint there, so a sweep over `dpo.beta`
+trains SFT and merge once. Trials run one after another, so a shared stage is never trained twice
+at the same time: the first trial trains it, the later ones find it passed.
+
+Where the search state lives: Optuna's study is in memory, and the ledger (tables `sweeps` and
+`sweep_trials`) is the only record. `sweep --resume` rebuilds the study by replay: the same seeded
+sampler, asked again in the same order and told the same recorded outcomes, proposes the same
+parameters, which are checked against the ledger's. So no Optuna table, nor its `alembic_version`,
+ever enters the ledger's database, and a sweep needs no second database file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainpipe.config import STAGE_ORDER
+from trainpipe.engine import cache, liveness, preflight, runner
+from trainpipe.engine.runner import Observer
+from trainpipe.errors import (
+    EXIT_GATE_REJECTED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_STAGE_FAILED,
+    ConfigError,
+    IllegalTransition,
+    RunOwned,
+    TrainpipeError,
+)
+from trainpipe.paths import check_run_id
+from trainpipe.stages.base import write_json_atomic
+from trainpipe.store.ledger import HOST, Ledger, StaleState
+from trainpipe.sweepfile import Range, SweepSpec, load_sweep, param_overrides, trial_count
+
+
+# How often a sweep's owner looks at trials other workers are running.
+WAIT_POLL_S = 2.0
+
+
+class SweepObserver(Observer):
+    """Run progress (the Observer methods) plus the sweep's own."""
+
+    def sweep_created(self, sweep_id: str, total: int) -> None: ...
+    def trial_started(self, number: int, total: int, params: dict[str, Any], run_id: str, resumed: bool) -> None: ...
+    def trial_finished(self, number: int, state: str, objective: float | None) -> None: ...
+
+
+@dataclass
+class SweepResult:
+    sweep_id: str
+    state: str
+    exit_code: int
+    report: dict[str, Any]
+
+
+def new_sweep_id(prefix: str) -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def start(sweep_file: str, *, ledger: Ledger, extra_sets: list[str] | None = None,
+          observer: SweepObserver | None = None, parallel: int = 1) -> SweepResult:
+    """Validate the sweep file (and the base config, its datasets and the preflight), then create the
+    sweep and run its trials, `parallel` at a time. Bad input raises ConfigError before anything is
+    written."""
+    spec, config = load_sweep(sweep_file, extra_sets=extra_sets)
+    _check_parallel(spec, parallel, sweep_file)
+    runner.validate_inputs(config)
+    preflight.check(config, ledger)
+    sweep_id = check_run_id(new_sweep_id(spec.name or f"{config.pipeline_id}-sweep"))
+    ledger.create_sweep(sweep_id=sweep_id, sweep_file=str(Path(sweep_file).resolve()),
+                        spec={"sweep": spec.model_dump(mode="json"), "output_dir": config.output_dir})
+    if spec.strategy != "tpe":
+        ledger.add_sweep_trials(sweep_id, _plan(spec, sweep_id))
+    return _drive(ledger, sweep_id, observer or SweepObserver(), parallel=parallel)
+
+
+def resume(sweep_id: str, *, ledger: Ledger, observer: SweepObserver | None = None, parallel: int = 1) -> SweepResult:
+    """Keep the finished trials, resume an interrupted one, start the rest."""
+    sweep = reconcile(ledger, ledger.get_sweep(sweep_id))
+    _check_parallel(_spec(sweep), parallel, sweep["sweep_file"])
+    if sweep["state"] == "running":
+        raise RunOwned(f"sweep {sweep_id} is owned by pid {sweep['owner_pid']} on host {sweep['owner_host']}",
+                       hint="wait for it to finish, or stop that process first")
+    if sweep["state"] == "finished":
+        raise IllegalTransition(f"sweep {sweep_id} is finished; nothing to resume",
+                                hint=f"`trainpipe sweep-status {sweep_id}` shows its results")
+    try:
+        ledger.set_sweep_state(sweep_id, "running", expect_state=sweep["state"], set_owner=True)
+    except StaleState:
+        raise RunOwned(f"sweep {sweep_id} was just claimed by another process") from None
+    return _drive(ledger, sweep_id, observer or SweepObserver(), parallel=parallel)
+
+
+def work(sweep_id: str, *, ledger: Ledger, observer: SweepObserver | None = None) -> SweepResult:
+    """Join a sweep as an extra worker (this or another machine, on the same ledger): claim trials one
+    at a time until none is left. The worker that records the last trial writes the results."""
+    sweep = reconcile(ledger, ledger.get_sweep(sweep_id))
+    spec = _spec(sweep)
+    if spec.strategy == "tpe":
+        raise ConfigError(f"sweep {sweep_id} uses strategy tpe, whose trials run one at a time (each depends on "
+                          "the results before it); only grid and random sweeps take extra workers")
+    if sweep["state"] == "finished":
+        raise IllegalTransition(f"sweep {sweep_id} is finished; nothing to do",
+                                hint=f"`trainpipe sweep-status {sweep_id}` shows its results")
+    observer = observer or SweepObserver()
+    observer.sweep_created(sweep_id, trial_count(spec))
+    if _work(ledger, sweep_id, spec, observer):
+        return SweepResult(sweep_id, "interrupted", EXIT_INTERRUPTED, report(ledger, sweep_id))
+    return _finish_if_done(ledger, sweep_id) or SweepResult(sweep_id, ledger.get_sweep(sweep_id)["state"], EXIT_OK,
+                                                            report(ledger, sweep_id))
+
+
+def _check_parallel(spec: SweepSpec, parallel: int, source: str) -> None:
+    if parallel < 1:
+        raise ConfigError(f"--parallel {parallel}: must be 1 or more")
+    if parallel > 1 and spec.strategy == "tpe":
+        raise ConfigError(f"{source}: key 'strategy': tpe runs one trial at a time (each trial depends on the "
+                          "results before it); use grid or random with --parallel")
+
+
+def _plan(spec: SweepSpec, sweep_id: str) -> list[tuple[int, dict[str, Any], str]]:
+    """Every trial of a grid or random sweep, asked up front: neither sampler looks at results, so the
+    list is the one a trial-by-trial ask would give, and workers can claim trials from it."""
+    study = _study(spec)
+    distributions = _distributions(spec)
+    plan = []
+    for number in range(trial_count(spec)):
+        trial = study.ask(distributions)
+        plan.append((number, dict(trial.params), f"{sweep_id}-t{number:03d}"))
+    return plan
+
+
+def reconcile(ledger: Ledger, sweep: dict[str, Any]) -> dict[str, Any]:
+    """A `running` sweep whose owner died on this host is `interrupted` (compare-and-set)."""
+    if sweep["state"] == "running" and sweep["owner_host"] == HOST and sweep["owner_pid"] \
+            and not liveness.pid_alive(sweep["owner_pid"]):
+        try:
+            ledger.set_sweep_state(sweep["sweep_id"], "interrupted", expect_state="running")
+        except StaleState:
+            pass
+        return ledger.get_sweep(sweep["sweep_id"])
+    return sweep
+
+
+def _spec(sweep: dict[str, Any]) -> SweepSpec:
+    return SweepSpec.model_validate(sweep["spec"]["sweep"])
+
+
+def _distributions(spec: SweepSpec) -> dict[str, Any]:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out: dict[str, Any] = {}
+    for key, values in spec.space.items():
+        if isinstance(values, Range):
+            if values.is_int:
+                out[key] = IntDistribution(int(values.low), int(values.high), log=values.log,
+                                           step=int(values.step or 1))
+            else:
+                out[key] = FloatDistribution(float(values.low), float(values.high), log=values.log,
+                                             step=values.step)
+        else:
+            out[key] = CategoricalDistribution(values)
+    return out
+
+
+def _study(spec: SweepSpec):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if spec.strategy == "grid":
+        class _Grid(optuna.samplers.GridSampler):
+            # GridSampler.after_trial calls study.stop() once the grid is exhausted, which raises
+            # RuntimeError outside study.optimize(); ask-and-tell stops by itself after the last point.
+            def after_trial(self, *args: Any, **kwargs: Any) -> None:
+                pass
+
+        sampler = _Grid({k: v for k, v in spec.space.items()}, seed=spec.seed)
+    elif spec.strategy == "random":
+        sampler = optuna.samplers.RandomSampler(seed=spec.seed)
+    else:
+        # TPE samples at random until it has n_startup_trials results (10 by default): with a small
+        # budget, model the space after half of it instead.
+        startup = max(1, min(10, trial_count(spec) // 2))
+        sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup)
+    return optuna.create_study(direction=spec.objective.direction, sampler=sampler)
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if set(a) != set(b):
+        return False
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, float) or isinstance(y, float):
+            if not (isinstance(x, (int, float)) and isinstance(y, (int, float)) and math.isclose(x, y, rel_tol=1e-12)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _drive(ledger: Ledger, sweep_id: str, observer: SweepObserver, parallel: int = 1) -> SweepResult:
+    sweep = ledger.get_sweep(sweep_id)
+    spec = _spec(sweep)
+    observer.sweep_created(sweep_id, trial_count(spec))
+    if spec.strategy == "tpe":
+        interrupted = _ask_and_tell(ledger, sweep_id, spec, observer)
+    else:
+        workers = _spawn_workers(ledger, sweep_id, parallel - 1)
+        try:
+            interrupted = _work(ledger, sweep_id, spec, observer)
+            # Trials still running elsewhere (this sweep's workers, or a worker another machine started):
+            # wait, and take over any whose worker dies.
+            while not interrupted and any(t["state"] != "done" for t in ledger.sweep_trials(sweep_id)):
+                time.sleep(WAIT_POLL_S)
+                interrupted = _work(ledger, sweep_id, spec, observer)
+        finally:
+            for proc in workers:
+                proc.wait()
+    if interrupted:
+        ledger.set_sweep_state(sweep_id, "interrupted")
+        return SweepResult(sweep_id, "interrupted", EXIT_INTERRUPTED, report(ledger, sweep_id))
+    result = _finish_if_done(ledger, sweep_id)
+    assert result is not None
+    return result
+
+
+def _finish_if_done(ledger: Ledger, sweep_id: str) -> SweepResult | None:
+    """Once every trial is done: mark the sweep finished (once: a compare-and-set) and write the results."""
+    if any(t["state"] != "done" for t in ledger.sweep_trials(sweep_id)):
+        return None
+    sweep = ledger.get_sweep(sweep_id)
+    if sweep["state"] != "finished":
+        best = report(ledger, sweep_id)["best"]
+        try:
+            ledger.set_sweep_state(sweep_id, "finished", expect_state=sweep["state"],
+                                   best_trial=best["number"] if best else None)
+            write_outputs(ledger, sweep_id)
+        except StaleState:
+            pass  # another worker finished it
+    summary = report(ledger, sweep_id)
+    if summary["best"]:
+        code = EXIT_OK
+    elif any(r["state"] == "rejected" for r in summary["trials"]):
+        code = EXIT_GATE_REJECTED
+    else:
+        code = EXIT_STAGE_FAILED
+    return SweepResult(sweep_id, "finished", code, summary)
+
+
+def _ask_and_tell(ledger: Ledger, sweep_id: str, spec: SweepSpec, observer: SweepObserver) -> bool:
+    """TPE, one trial at a time: each ask sees every earlier result. On resume the recorded trials are
+    replayed (asked again, checked, told again) before new ones are asked. True if interrupted."""
+    from optuna.trial import TrialState
+
+    distributions = _distributions(spec)
+    study = _study(spec)
+    total = trial_count(spec)
+    recorded = {row["number"]: row for row in ledger.sweep_trials(sweep_id)}
+    for number in range(total):
+        trial = study.ask(distributions)
+        row = recorded.get(number)
+        if row is None:
+            row = {"number": number, "params": dict(trial.params), "run_id": f"{sweep_id}-t{number:03d}",
+                   "state": "running", "objective": None}
+            ledger.add_sweep_trials(sweep_id, [(number, row["params"], row["run_id"])], claim=True)
+        elif not _same(trial.params, row["params"]):
+            raise TrainpipeError(f"sweep {sweep_id}: replaying trial {number} proposed {trial.params}, but the "
+                                 f"ledger recorded {row['params']}; the sampler no longer reproduces this sweep "
+                                 "(was optuna upgraded?)", hint="start a new sweep")
+        if row["state"] != "done":
+            state = _run_trial(ledger, spec, row, total, observer)
+            if state == "interrupted":
+                return True
+            row["objective"] = objective_value(ledger, row["run_id"], spec.objective.metric)
+            ledger.finish_sweep_trial(sweep_id, number, row["objective"])
+            observer.trial_finished(number, state, row["objective"])
+        run_state = ledger.get_run(row["run_id"])["state"]
+        if run_state == "succeeded" and row["objective"] is not None and math.isfinite(row["objective"]):
+            study.tell(trial, row["objective"])
+        else:
+            # A rejected or failed trial is never the best; TPE learns nothing from it.
+            study.tell(trial, state=TrialState.FAIL)
+    return False
+
+
+def _work(ledger: Ledger, sweep_id: str, spec: SweepSpec, observer: SweepObserver) -> bool:
+    """Claim and run trials until none is left to claim. True if a trial was interrupted (Ctrl-C)."""
+    total = trial_count(spec)
+    fingerprints: dict[int, set[str]] = {}
+    while True:
+        row = _claim_next(ledger, sweep_id, spec, fingerprints)
+        if row is None:
+            return False
+        state = _run_trial(ledger, spec, row, total, observer)
+        if state == "interrupted":
+            return True
+        objective = objective_value(ledger, row["run_id"], spec.objective.metric)
+        ledger.finish_sweep_trial(sweep_id, row["number"], objective)
+        observer.trial_finished(row["number"], state, objective)
+
+
+def _claim_next(ledger: Ledger, sweep_id: str, spec: SweepSpec,
+                fingerprints: dict[int, set[str]]) -> dict[str, Any] | None:
+    """Claim (compare-and-set) the next trial: a pending one, or one whose worker died. Trials none of
+    whose stages another run is training right now go first; a trial that does share one still
+    trains it only once, because its run waits on the stage lease and then reuses the output."""
+    while True:
+        candidates = [row for row in ledger.sweep_trials(sweep_id)
+                      if row["state"] == "pending" or (row["state"] == "running" and _abandoned(ledger, row))]
+        if not candidates:
+            return None
+        busy = {lease["fingerprint"] for lease in ledger.stage_leases()}
+        candidates.sort(key=lambda r: (bool(_trial_fingerprints(spec, r, fingerprints) & busy), r["number"]))
+        for row in candidates:
+            if ledger.claim_sweep_trial(sweep_id, row["number"], expect_state=row["state"],
+                                        expect_owner=(row["owner_pid"], row["owner_host"])):
+                return row
+        # every candidate was claimed by another worker in between: look again
+
+
+def _abandoned(ledger: Ledger, row: dict[str, Any]) -> bool:
+    """Whether a `running` trial's worker is gone: its pid on this host, or its run's heartbeat."""
+    if row["owner_host"] == HOST and row["owner_pid"] and row["owner_pid"] != os.getpid():
+        return not liveness.pid_alive(row["owner_pid"])
+    run = ledger.find_run(row["run_id"])
+    if run is None:
+        return time.time() - (row["claimed_at"] or 0) > liveness.STALE_AFTER_S
+    return run["state"] == "interrupted" or (run["state"] == "running"
+                                             and liveness.owner_gone(run, time.time()) is not None)
+
+
+def _trial_fingerprints(spec: SweepSpec, row: dict[str, Any], memo: dict[int, set[str]]) -> set[str]:
+    """The fingerprints the trial's stages will have; only a scheduling preference, so a failure to
+    compute them (nothing expected) just means no preference."""
+    if row["number"] not in memo:
+        try:
+            from trainpipe.config import load_config
+            from trainpipe.engine.fingerprint import stage_fingerprint, upstream_stage
+
+            config = load_config(spec.base, overrides=spec.set + param_overrides(row["params"]))
+            found: dict[str, str] = {}
+            for name in STAGE_ORDER:
+                if config.enabled(name):
+                    up = upstream_stage(config, name)
+                    found[name] = stage_fingerprint(config, name, found.get(up) if up else None)
+            memo[row["number"]] = set(found.values())
+        except Exception:  # noqa: BLE001 - a preference, not a requirement
+            memo[row["number"]] = set()
+    return memo[row["number"]]
+
+
+def _spawn_workers(ledger: Ledger, sweep_id: str, count: int) -> list[subprocess.Popen]:
+    """`trainpipe sweep --worker` processes on this machine, logging to the sweep's output dir."""
+    if count <= 0:
+        return []
+    out_dir = Path(ledger.get_sweep(sweep_id)["spec"]["output_dir"]) / "sweeps" / sweep_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for index in range(count):
+        log = (out_dir / f"worker-{index + 1}.log").open("ab")
+        procs.append(subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "sweep", "--worker", sweep_id,
+                                       "--db", ledger.url], stdout=log, stderr=subprocess.STDOUT,
+                                      env=os.environ.copy()))
+        log.close()
+    return procs
+
+
+def _run_trial(ledger: Ledger, spec: SweepSpec, row: dict[str, Any], total: int, observer: SweepObserver) -> str:
+    """Start the trial's run, resume it if a killed sweep left it interrupted, or report the state a
+    finished one reached before the sweep could record it."""
+    run = ledger.find_run(row["run_id"])
+    observer.trial_started(row["number"], total, row["params"], row["run_id"], resumed=run is not None)
+    if run is None:
+        result = runner.start(spec.base, ledger=ledger, overrides=spec.set + param_overrides(row["params"]),
+                              observer=observer, run_id=row["run_id"])
+        return result.state
+    run = liveness.reconcile(ledger, [run], time.time())[0]
+    if run["state"] == "interrupted":
+        return runner.resume(row["run_id"], ledger=ledger, observer=observer).state
+    if run["state"] == "running":
+        raise RunOwned(f"trial run {row['run_id']} is owned by pid {run['owner_pid']} on {run['owner_host']}")
+    return run["state"]
+
+
+def objective_value(ledger: Ledger, run_id: str, metric: str) -> float | None:
+    """The trial's objective: a stage metric (a cached stage's comes from the run that trained it) or a
+    gate check's value. None when the run did not get that far."""
+    kind, _, name = metric.partition(".")
+    value: Any = None
+    if kind == "gate":
+        for gate in reversed(ledger.gates(run_id)):
+            check = next((c for c in gate["checks"] if c["name"] == name), None)
+            if check is not None:
+                value = check["value"]
+                break
+    else:
+        stage = next((s for s in ledger.stages(run_id) if s["name"] == kind), None)
+        if stage is not None and stage["state"] in ("passed", "cached", "rejected"):
+            run_dir = ledger.get_run(run_id)["run_dir"]
+            value = cache.origin_metrics(ledger, run_id, kind, run_dir)[0].get(name)
+    try:
+        return float(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def report(ledger: Ledger, sweep_id: str) -> dict[str, Any]:
+    """The comparison: one row per trial (params, each gate's state, objective, wall time, which stages
+    trained), the best eligible trial, and how many stage trainings the sweep ran."""
+    sweep = reconcile(ledger, ledger.get_sweep(sweep_id))
+    spec = _spec(sweep)
+    rows = []
+    trainings = {name: 0 for name in STAGE_ORDER}
+    for trial in ledger.sweep_trials(sweep_id):
+        run = ledger.find_run(trial["run_id"])
+        stages = {s["name"]: s for s in ledger.stages(trial["run_id"])} if run else {}
+        trained = sorted({a["stage"] for a in ledger.attempts(trial["run_id"])}, key=STAGE_ORDER.index) if run else []
+        for name in trained:
+            trainings[name] += 1
+        finished = run and run["finished_at"]
+        rows.append({
+            "number": trial["number"],
+            "run_id": trial["run_id"],
+            "params": trial["params"],
+            "state": run["state"] if run else "not started",
+            "gates": {name: _gate_state(stages.get(name)) for name in STAGE_ORDER},
+            "trained": trained,
+            "objective": trial["objective"],
+            "wall_s": round(run["finished_at"] - run["created_at"], 1) if finished else None,
+            "eligible": bool(run and run["state"] == "succeeded" and trial["objective"] is not None
+                             and math.isfinite(trial["objective"])),
+        })
+    eligible = [r for r in rows if r["eligible"]]
+    sign = 1 if spec.objective.direction == "maximize" else -1
+    best = max(eligible, key=lambda r: (sign * r["objective"], -r["number"])) if eligible else None
+    for row in rows:
+        row["best"] = best is not None and row["number"] == best["number"]
+    out_dir = Path(sweep["spec"]["output_dir"]) / "sweeps" / sweep_id
+    return {
+        "sweep_id": sweep_id,
+        "state": sweep["state"],
+        "sweep_file": sweep["sweep_file"],
+        "base": spec.base,
+        "strategy": spec.strategy,
+        "objective": spec.objective.model_dump(),
+        "space": list(spec.space),
+        "trials_planned": trial_count(spec),
+        "trials": rows,
+        "best": best,
+        "stage_trainings": trainings,
+        "naive_stage_trainings": {name: sum(1 for r in rows if r["gates"][name] != "skipped")
+                                  for name in STAGE_ORDER},
+        "created_at": sweep["created_at"],
+        "finished_at": sweep["finished_at"],
+        "wall_s": round((sweep["finished_at"] or time.time()) - sweep["created_at"], 1),
+        "outputs": {"dir": str(out_dir), "results": str(out_dir / "results.json"),
+                    "table": str(out_dir / "comparison.md"),
+                    "best_config": str(out_dir / "best_config.yaml") if best else None},
+    }
+
+
+def _gate_state(stage: dict[str, Any] | None) -> str:
+    """A stage's gate as the table shows it: passed, cached (passed in the run it came from), rejected..."""
+    if stage is None:
+        return "-"
+    return {"pending": "-", "running": "running", "validating": "running"}.get(stage["state"], stage["state"])
+
+
+def write_outputs(ledger: Ledger, sweep_id: str) -> dict[str, Any]:
+    """results.json, comparison.md, the best trial's config as runnable YAML, and a plot of the
+    objective per trial where matplotlib is installed."""
+    import yaml
+
+    summary = report(ledger, sweep_id)
+    out_dir = Path(summary["outputs"]["dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "results.json", summary)
+    (out_dir / "comparison.md").write_text(markdown_table(summary), encoding="utf-8")
+    best = summary["best"]
+    if best:
+        snapshot = ledger.get_run(best["run_id"])["config_snapshot"]
+        header = (f"# Best trial of sweep {sweep_id}: trial {best['number']} (run {best['run_id']}),\n"
+                  f"# {summary['objective']['metric']} = {best['objective']:.6g} ({summary['objective']['direction']}),"
+                  f" params {json.dumps(best['params'])}.\n"
+                  f"# Paths are absolute. Run it with: trainpipe run {out_dir / 'best_config.yaml'}\n")
+        (out_dir / "best_config.yaml").write_text(header + yaml.safe_dump(snapshot, sort_keys=False), encoding="utf-8")
+    _plot(summary, out_dir / "objective.png")
+    return summary
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    keys = summary["space"]
+    head = ["trial", *keys, *[f"gate {s}" for s in STAGE_ORDER], "trained", summary["objective"]["metric"],
+            "wall s", "run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in summary["trials"]:
+        cells = [f"{row['number']}{' (best)' if row['best'] else ''}", *[str(row["params"].get(k)) for k in keys],
+                 *[row["gates"][s] for s in STAGE_ORDER], ",".join(row["trained"]) or "-",
+                 "-" if row["objective"] is None else f"{row['objective']:.4g}",
+                 "-" if row["wall_s"] is None else str(row["wall_s"]), row["run_id"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(summary: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # optional: the table and results.json carry the same figures
+    rows = [r for r in summary["trials"] if r["objective"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.scatter([r["number"] for r in rows], [r["objective"] for r in rows],
+               c=["tab:green" if r["eligible"] else "tab:red" for r in rows])
+    ax.set_xlabel("trial")
+    ax.set_ylabel(summary["objective"]["metric"])
+    ax.set_title(f"sweep {summary['sweep_id']} (red: not eligible)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
