@@ -176,6 +176,16 @@ def test_stdlib_reads_return_what_sqlalchemy_reads_return(ledger: Ledger, db_url
     assert [(m["value"], m["raw"]) for m in ledger.metrics(run_id)] == [(1.5, None), (None, "nan")]
 
 
+def test_the_stdlib_reader_decodes_every_json_and_boolean_column_of_the_schema() -> None:
+    from sqlalchemy import JSON, Boolean
+
+    from trainpipe.store import reader, schema
+
+    columns = [c for table in schema.metadata.tables.values() for c in table.columns]
+    assert reader._JSON_COLUMNS == {c.name for c in columns if isinstance(c.type, JSON)}
+    assert reader._BOOL_COLUMNS == {c.name for c in columns if isinstance(c.type, Boolean)}
+
+
 def test_a_migrated_sqlite_ledger_is_opened_for_reading_without_sqlalchemy(ledger: Ledger, db_url: str,
                                                                            tmp_path: Path) -> None:
     from trainpipe.store.reader import LedgerReader, open_for_reading
