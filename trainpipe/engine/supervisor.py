@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from trainpipe.failures import kind_of
 
@@ -182,7 +182,7 @@ class StageWorkers:
         self._proc: subprocess.Popen | None = None
         self._channel: socket.socket | None = None
         self._buffer = b""
-        self._early_log: Path | None = None
+        self._early_log: IO[bytes] | None = None
         self.import_s: float | None = None
 
     def __enter__(self) -> StageWorkers:
@@ -247,11 +247,12 @@ class StageWorkers:
         self._close_worker()
         if self._early_log is not None:  # keep what the early worker printed with the run's logs
             try:
+                self._early_log.seek(0)  # the worker has exited: nobody else writes to it any more
                 with self.log_path.open("ab") as log:
-                    log.write(self._early_log.read_bytes())
+                    log.write(self._early_log.read())
             except OSError:
                 pass
-            self._early_log.unlink(missing_ok=True)
+            self._early_log.close()
             self._early_log = None
 
     def _close_worker(self) -> None:
@@ -279,7 +280,7 @@ def _launch_worker(log: Any, env: dict[str, str]) -> tuple[subprocess.Popen, soc
 
 
 # The worker start_worker_early() started, until a run's StageWorkers adopts it.
-_EARLY: dict[str, tuple[subprocess.Popen, socket.socket, Path]] = {}
+_EARLY: dict[str, tuple[subprocess.Popen, socket.socket, IO[bytes]]] = {}
 
 
 def start_worker_early() -> None:
@@ -293,18 +294,16 @@ def start_worker_early() -> None:
     import atexit
     import tempfile
 
-    # The run dir does not exist yet: the worker logs to a temporary file, which the run appends to
-    # its .work/worker.log when it ends.
-    log = tempfile.NamedTemporaryFile(prefix="trainpipe-worker-", suffix=".log", delete=False)
-    path = Path(log.name)
-    with log:
-        proc, channel = _launch_worker(log, {**os.environ, "PYTHONUNBUFFERED": "1"})
-    _EARLY["worker"] = (proc, channel, path)
+    # The run dir does not exist yet: the worker logs to an anonymous temporary file (gone with this
+    # process, even a SIGKILLed one), which the run copies into its .work/worker.log when it ends.
+    log = tempfile.TemporaryFile(prefix="trainpipe-worker-")
+    proc, channel = _launch_worker(log, {**os.environ, "PYTHONUNBUFFERED": "1"})
+    _EARLY["worker"] = (proc, channel, log)
 
     def unadopted() -> None:
         if _EARLY.pop("worker", None) is not None:
             channel.close()
-            path.unlink(missing_ok=True)
+            log.close()
 
     atexit.register(unadopted)
 
