@@ -197,3 +197,14 @@ def test_sampler_replays_the_same_trials(strategy):
     assert play(_study(spec), first) == first
     assert all(p["sft.lora_r"] in (4, 8, 12, 16) and isinstance(p["sft.lora_r"], int) for p in first)
     assert len({p["sft.learning_rate"] for p in first}) == 8
+
+
+def test_on_a_gpu_only_the_trials_whose_memory_shares_fit_train_at_once() -> None:
+    from trainpipe.engine.sweep import trials_that_fit
+
+    assert trials_that_fit(4, 0.3, cuda=True) == 3
+    assert trials_that_fit(4, 0.5, cuda=True) == 2
+    assert trials_that_fit(2, 0.9, cuda=True) == 1
+    assert trials_that_fit(4, 1.0, cuda=True) == 1
+    assert trials_that_fit(3, 0.2, cuda=True) == 3
+    assert trials_that_fit(4, 0.9, cuda=False) == 4  # CPU: N processes

@@ -62,11 +62,17 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def cuda_device_visible() -> bool:
+    """A visible NVIDIA device node, standing in for `torch.cuda.is_available()` in the orchestrator,
+    which never imports torch."""
+    return os.path.exists("/dev/nvidiactl") and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+
+
 def resolved_backend(config: PipelineConfig) -> str:
     """The backend `stages/loading.py: select_backend` will pick, without importing torch to ask CUDA:
     a visible NVIDIA device node stands in for `torch.cuda.is_available()`. CPU and GPU runs of one
     config differ anyway, so the device is part of the answer."""
-    cuda = os.path.exists("/dev/nvidiactl") and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+    cuda = cuda_device_visible()
     backend = config.backend
     if backend == "auto":
         backend = "unsloth" if cuda and importlib.util.find_spec("unsloth") is not None else "hf"

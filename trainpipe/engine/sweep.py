@@ -28,6 +28,7 @@ from typing import Any
 
 from trainpipe.config import STAGE_ORDER
 from trainpipe.engine import cache, liveness, preflight, runner
+from trainpipe.engine.fingerprint import cuda_device_visible
 from trainpipe.engine.runner import Observer
 from trainpipe.errors import (
     EXIT_GATE_REJECTED,
@@ -217,7 +218,14 @@ def _drive(ledger: Ledger, sweep_id: str, observer: SweepObserver, parallel: int
     if spec.strategy == "tpe":
         interrupted = _ask_and_tell(ledger, sweep_id, spec, observer)
     else:
-        workers = _spawn_workers(ledger, sweep_id, parallel - 1)
+        admitted = parallel
+        if parallel > 1 and cuda_device_visible():
+            fraction = _memory_fraction(spec)
+            admitted = trials_that_fit(parallel, fraction, cuda=True)
+            if admitted < parallel:
+                observer.note(f"--parallel {parallel}: {admitted} trial(s) at once, as many as fit on the "
+                              f"GPU with gpu_memory_fraction {fraction:g} each")
+        workers = _spawn_workers(ledger, sweep_id, admitted - 1)
         try:
             interrupted = _work(ledger, sweep_id, spec, observer)
             # Trials still running elsewhere (this sweep's workers, or a worker another machine started):
@@ -234,6 +242,21 @@ def _drive(ledger: Ledger, sweep_id: str, observer: SweepObserver, parallel: int
     result = _finish_if_done(ledger, sweep_id)
     assert result is not None
     return result
+
+
+def trials_that_fit(parallel: int, gpu_memory_fraction: float, *, cuda: bool) -> int:
+    """How many trials may train at once. On a GPU each stage process caps itself at
+    gpu_memory_fraction of the device (stages/worker.py), so only as many trials as those shares fit
+    in one device are admitted; on CPU, `parallel` processes."""
+    if not cuda:
+        return parallel
+    return max(1, min(parallel, int(1 / gpu_memory_fraction + 1e-9)))
+
+
+def _memory_fraction(spec: SweepSpec) -> float:
+    from trainpipe.config import load_config
+
+    return load_config(spec.base, overrides=spec.set).gpu_memory_fraction
 
 
 def _finish_if_done(ledger: Ledger, sweep_id: str) -> SweepResult | None:
