@@ -289,7 +289,7 @@ def start_worker_early() -> None:
     after it. The run adopts it for its first stage attempt. If no run starts (bad input), it goes
     with this process: PR_SET_PDEATHSIG, and its channel closes. The CLI calls this; the Python API
     starts its worker with the first stage, as before."""
-    if _EARLY or (os.environ.get(WORKER_ENV) or "fork") != "fork" or sys.platform != "linux":
+    if _EARLY or sys.platform != "linux" or worker_mode() != "fork":
         return
     import atexit
     import tempfile

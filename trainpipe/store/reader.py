@@ -97,6 +97,11 @@ def check_applied(where: str, tables: set[str], applied: set[str] | None) -> set
     return applied
 
 
+def _connect(file: Path) -> sqlite3.Connection:
+    # mode=rw never creates the file, and falls back to read-only where the OS denies writing.
+    return sqlite3.connect(f"file:{quote(str(file))}?mode=rw", uri=True, timeout=30)
+
+
 def open_for_reading(url: str | None = None) -> LedgerReader | Ledger:
     """A reader for `status` and `inspect`: the stdlib-sqlite3 one when `url` is a SQLite file that
     is already fully migrated, else the full Ledger (which creates, migrates and validates)."""
@@ -104,8 +109,7 @@ def open_for_reading(url: str | None = None) -> LedgerReader | Ledger:
     file = sqlite_file(url)
     if file is not None and file.is_file():
         try:
-            # mode=rw: never create the file; falls back to read-only when the OS denies writing.
-            conn = sqlite3.connect(f"file:{quote(str(file))}?mode=rw", uri=True, timeout=30)
+            conn = _connect(file)
             try:
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 applied = ({r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
@@ -144,7 +148,7 @@ class LedgerReader:
     def _query(self, sql: str, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
         # WAL lets this read run beside a writer; the timeout covers a writer checkpointing.
         try:
-            conn = sqlite3.connect(f"file:{quote(str(self._file))}?mode=rw", uri=True, timeout=30)
+            conn = _connect(self._file)
             try:
                 cursor = conn.execute(sql, params)
                 return [d[0] for d in cursor.description or ()], cursor.fetchall()
