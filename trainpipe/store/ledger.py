@@ -74,6 +74,7 @@ MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0004_attempt_worker", _add_columns(s.stage_attempts.c.worker)),
     ("0005_stage_cache", _stage_cache),
     ("0006_sweeps", lambda conn: s.metadata.create_all(conn, tables=[s.sweeps, s.sweep_trials])),
+    ("0007_lineage", _add_columns(s.runs.c.lineage)),
 ]
 assert tuple(name for name, _ in MIGRATIONS) == MIGRATION_NAMES, "store/reader.py lists the same steps"
 

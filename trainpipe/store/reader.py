@@ -29,12 +29,12 @@ LEDGER_HINT = "pass --db sqlite:///PATH (or set TRAINPIPE_DB) to use another led
 
 # The schema steps this version knows, in order; store/ledger.py pairs each with its migration.
 MIGRATION_NAMES = ("0001_initial", "0002_error_kinds", "0003_lookup_indexes", "0004_attempt_worker",
-                   "0005_stage_cache", "0006_sweeps")
+                   "0005_stage_cache", "0006_sweeps", "0007_lineage")
 
 # SQLite stores JSON as text and booleans as 0/1; rows are decoded by column name. A test checks these
 # against the JSON and Boolean columns of store/schema.py.
 _JSON_COLUMNS = frozenset({"config_snapshot", "cache_policy", "overrides", "metrics", "detail", "value",
-                           "threshold", "spec", "params"})
+                           "threshold", "spec", "params", "lineage"})
 _BOOL_COLUMNS = frozenset({"passed"})
 _IN_CHUNK = 500  # ids per IN (...) list: far below SQLite's host-parameter limit
 

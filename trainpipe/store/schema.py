@@ -41,6 +41,9 @@ runs = Table(
     Column("error_traceback", Text),   # kept for `bug`: what `inspect` shows
     # migration 0005: {"use_cache": bool, "from_stage": str | None}; a resume keeps the run's choice
     Column("cache_policy", JSON),
+    # migration 0007: where the run's model came from and what it ran on (engine/lineage.py): dataset
+    # sha256s, base model id and revision or content hash, library versions, device, world size, seed.
+    Column("lineage", JSON),
 )
 Index("ix_runs_created", runs.c.created_at)
 
