@@ -78,6 +78,12 @@ def test_upload_fails_offline_then_resume_retries_only_the_upload(tmp_path: Path
     trained_before = _attempts(ledger, run_id)
     checkpoints_before = len(ledger.checkpoints(run_id))
 
+    # (c) a resume without the token is refused by the preflight before any write.
+    transitions_before = ledger.transitions(run_id)
+    no_token = cli("resume", run_id, "--db", db_url)  # the test environment has no HF_TOKEN
+    assert no_token.returncode == 2 and "needs a Hub token" in no_token.stderr, no_token.stdout + no_token.stderr
+    assert ledger.transitions(run_id) == transitions_before and ledger.get_run(run_id)["state"] == "failed"
+
     # (b) resume with the Hub answering (mocked at the client boundary): only the upload runs again.
     from huggingface_hub import HfApi
 
@@ -129,3 +135,36 @@ def test_upload_fails_offline_then_resume_retries_only_the_upload(tmp_path: Path
     upload_stage = next(s for s in report["stages"] if s["name"] == "upload")
     assert upload_stage["fingerprint"] is None and upload_stage["cache_note"] is None  # never cached
     assert upload_stage["metrics"]["commit_url"].endswith("/commit/0123abcd")
+
+
+def test_hub_errors_are_classified_and_never_carry_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the Hub client raises, at its boundary: a refused token is the user's to fix (exit 2), a
+    network failure is transient (exit 1), and the token never survives into the message."""
+    from huggingface_hub import HfApi
+
+    from trainpipe import failures
+    from trainpipe.engine import hub
+
+    class Refused(Exception):
+        response = SimpleNamespace(status_code=401)
+
+    def refuse(self, repo_id, **kwargs):
+        raise Refused(f"Invalid credentials in Authorization header Bearer {self.token} (also hf_AbCdEf123456)")
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    with pytest.raises(hub.UploadFailed) as refused:
+        hub.push(str(folder), REPO, "run-1")
+    assert refused.value.kind == failures.USER
+    assert "huggingface.co refused the token (HTTP 401)" in refused.value.message
+    assert TOKEN not in refused.value.message and "hf_AbCdEf123456" not in refused.value.message
+
+    with pytest.raises(hub.UploadFailed) as missing:
+        hub.push(str(tmp_path / "absent"), REPO, "run-1")
+    assert missing.value.kind == failures.USER and "does not exist" in missing.value.message
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(hub.UploadFailed) as no_token:
+        hub.push(str(folder), REPO, "run-1")
+    assert "HF_TOKEN is not set" in no_token.value.message

@@ -63,6 +63,8 @@ def _short(value: Any) -> str:
 
 def _source(stage: dict[str, Any]) -> str:
     """Trained here, or reused from where (inspect and the run summary)."""
+    if stage.get("name") == "upload":
+        return "pushes the final model to the Hub (never taken from the cache)"
     if stage.get("source") == "cached":
         origin = stage["cached_from"]
         trained = origin.get("trained_in")
