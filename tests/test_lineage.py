@@ -217,3 +217,17 @@ def test_world_size_reads_the_launcher_when_there_is_one() -> None:
     assert world_size({"launcher": {"type": "torchrun", "nproc_per_node": 2}}) == 2
     assert world_size({"launcher": {"type": "torchrun", "nproc_per_node": 2, "nnodes": 3,
                                     "rdzv_endpoint": "h:29500"}}) == 6
+
+
+def test_recording_lineage_imports_no_torch() -> None:
+    """The orchestrator records it before any stage runs; a fully cached run never loads torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from trainpipe.config import load_config; from trainpipe.engine import lineage; "
+            f"c = load_config({str(QUICKSTART)!r}); record = lineage.build(c, c.model_dump(mode='json')); "
+            "assert record['libraries']['torch']; print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
