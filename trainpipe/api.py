@@ -36,8 +36,9 @@ def run(config: str | os.PathLike[str], *, overrides: list[str] | None = None, s
 
 
 def resume(run_id: str, *, db: str | None = None, ledger: Ledger | None = None,
-           observer: Observer | None = None) -> RunResult:
-    """Continue an interrupted or failed run from its first stage that has not passed."""
+           observer: Observer | None = None, force: bool = False) -> RunResult:
+    """Continue an interrupted or failed run from its first stage that has not passed. A change of
+    environment that breaks resuming (see README, "Lineage") is refused unless `force`."""
     from trainpipe.engine import runner
 
-    return runner.resume(run_id, ledger=_ledger(db, ledger), observer=observer)
+    return runner.resume(run_id, ledger=_ledger(db, ledger), observer=observer, force=force)

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trainpipe.errors import ConfigError
 
 STAGE_ORDER = ("sft", "merge", "dpo")
+# Not a training stage: added after dpo when `upload_to_hub` is true (engine/hub.py). Never cached.
+UPLOAD_STAGE = "upload"
 BUILTIN_CHECKS = ("output_format_valid", "no_harmful_content")
 _DOTTED_CHECK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _PIPELINE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -252,7 +254,13 @@ class PipelineConfig(_Strict):
         return StageEntry(name=name, enabled=False)  # type: ignore[arg-type]
 
     def enabled(self, name: str) -> bool:
+        if name == UPLOAD_STAGE:
+            return self.upload_to_hub
         return self.stage(name).enabled
+
+    def run_stages(self) -> tuple[str, ...]:
+        """The stages a run of this config records: the training stages, then `upload` if enabled."""
+        return STAGE_ORDER + ((UPLOAD_STAGE,) if self.upload_to_hub else ())
 
     def checkpoint_interval(self, stage_name: str) -> int:
         settings = getattr(self, stage_name)

@@ -46,3 +46,7 @@ class LedgerError(TrainpipeError):
 
 class PreflightError(TrainpipeError):
     """A run cannot start: output dir, ledger, base model or Hub settings. Raised before any write."""
+
+
+class EnvironmentChanged(TrainpipeError):
+    """A resume would run in an environment that breaks resuming the run (`trainpipe resume --force`)."""

@@ -86,13 +86,19 @@ def run(
 @app.command()
 def resume(
     run_id: Annotated[str, typer.Argument(help="The run to continue (see `trainpipe status`).")],
+    force: Annotated[bool, typer.Option("--force", help="Resume even though the environment changed in a way "
+                                        "that breaks resuming (world size, a major library version, "
+                                        "cpu<->cuda); the differences are recorded.")] = False,
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Continue an interrupted or failed run from the first stage that has not passed."""
+    """Continue an interrupted or failed run from the first stage that has not passed.
+
+    The environment is compared with the run's lineage first: a breaking difference exits 2 and
+    records nothing, unless --force."""
     from trainpipe import api
 
-    _drive(lambda ledger, observer: api.resume(run_id, ledger=ledger, observer=observer),
+    _drive(lambda ledger, observer: api.resume(run_id, ledger=ledger, observer=observer, force=force),
            _renderer(json_output), db)
 
 

@@ -63,6 +63,8 @@ def _short(value: Any) -> str:
 
 def _source(stage: dict[str, Any]) -> str:
     """Trained here, or reused from where (inspect and the run summary)."""
+    if stage.get("name") == "upload":
+        return "pushes the final model to the Hub (never taken from the cache)"
     if stage.get("source") == "cached":
         origin = stage["cached_from"]
         trained = origin.get("trained_in")
@@ -181,6 +183,8 @@ class Renderer:
         # libyaml's emitter where PyYAML has it: the pure-Python one is a tenth of inspect's time.
         dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
         self.out.print(yaml.dump(report["config"], Dumper=dumper, sort_keys=False).rstrip(), markup=False)
+        if report.get("lineage") is not None:
+            self._lineage(report["run_id"], report["lineage"])
         for stage in report["stages"]:
             self.out.rule(f"stage {stage['name']}")
             self.out.print(f"state {_state(stage['state'])}, attempts {stage['attempts']}, "
@@ -223,6 +227,39 @@ class Renderer:
                           t["to_state"], t["trigger"], str(t["pid"]))
         self.out.print(table)
 
+    def _lineage(self, run_id: str, lineage: dict[str, Any]) -> None:
+        self.out.rule("lineage")
+        lines = []
+        if not lineage.get("recorded"):
+            lines.append("not recorded: the run was created before trainpipe recorded lineage")
+        else:
+            base = lineage.get("base_model") or {}
+            ident = ", ".join(f"{k} {str(v)[:12] if k != 'hub' else v}" for k, v in base.items()
+                              if k not in ("name", "builtin") and v is not None) or "no revision cached"
+            lines.append(f"config sha256 {str(lineage.get('config_sha256'))[:12]}  seed {lineage.get('seed')}")
+            lines.append(f"base model {base.get('name')} ({ident})")
+            for role, data in (lineage.get("datasets") or {}).items():
+                lines.append(f"dataset {role}: {data.get('path')} sha256 {str(data.get('sha256'))[:12]}")
+            libs = lineage.get("libraries") or {}
+            lines.append("libraries: " + ", ".join(f"{k} {v}" for k, v in libs.items() if v))
+            missing = [k for k, v in libs.items() if not v]
+            if missing:
+                lines.append("  not installed: " + ", ".join(missing))
+            device = lineage.get("device") or {}
+            gpu = f" ({device['gpu']})" if device.get("gpu") else ""
+            sizes = ", ".join(f"{k} {v}" for k, v in (lineage.get("world_size") or {}).items())
+            lines.append(f"device {device.get('type')}{gpu}, cpu kernel {lineage.get('cpu_kernel') or 'default'}, "
+                         f"world size: {sizes or '-'}")
+        by_stage: dict[str, list[int]] = {}
+        for artifact in lineage.get("artifacts") or []:
+            by_stage.setdefault(artifact["stage"], []).append(int(artifact["size_bytes"] or 0))
+        if by_stage:
+            lines.append("artifacts: " + ", ".join(f"{stage} {len(sizes)} files {sum(sizes) / 1e6:.2f} MB"
+                                                   for stage, sizes in by_stage.items())
+                         + f" (sha256 of each in --json; `trainpipe verify {run_id}` re-hashes them)")
+        for line in lines:
+            self.out.print(line, markup=False, soft_wrap=True)
+
     def _gate_table(self, name: str, checks: list[dict[str, Any]], passed: bool, only_failed: bool = False,
                     carried_from: str | None = None) -> None:
         carried = f" (carried over from run {carried_from}, not re-run)" if carried_from else ""
@@ -263,6 +300,9 @@ class Renderer:
         for stage in report["stages"]:
             if stage["state"] == "cached":
                 self.out.print(f"{stage['name']}: {_source(stage)}", markup=False, soft_wrap=True)
+            if stage["name"] == "upload" and stage["state"] == "passed":
+                self.out.print(f"uploaded to {stage['metrics'].get('repo_id')}: {stage['metrics'].get('commit_url')}",
+                               markup=False, soft_wrap=True)
         if result.rejected_gate is not None:
             gate = result.rejected_gate
             self._gate_table(gate.gate, gate.as_rows(), False, only_failed=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from trainpipe.engine.cache import origin_metrics as stage_metrics
+from trainpipe.engine.report import lineage_view
 from trainpipe.stages.base import write_json_atomic
 from trainpipe.store.ledger import Ledger
 
@@ -63,6 +64,10 @@ def pipeline_result(ledger: Ledger, run_id: str) -> dict[str, Any]:
             continue
         if name == "merge":
             entry["size_gb"] = metrics.get("size_gb")
+        elif name == "upload":
+            entry.update({k: metrics.get(k) for k in ("repo_id", "commit_url", "commit_oid")})
+            if attempt is not None and attempt.get("error"):
+                entry["error"] = attempt["error"]
         else:
             entry["loss"] = metrics.get("final_loss")
         stage_results[name] = entry
@@ -80,6 +85,7 @@ def pipeline_result(ledger: Ledger, run_id: str) -> dict[str, Any]:
         # trainpipe additions; the lesson's readers ignore unknown keys
         "run_id": run_id,
         "state": run["state"],
+        "lineage": lineage_view(run, ledger.artifacts(run_id)),
     }
 
 
@@ -90,6 +96,8 @@ def write_exports(ledger: Ledger, run_id: str) -> dict[str, Any]:
     attempts = _latest_attempts(ledger, run_id)
     for row in ledger.stages(run_id):
         name = row["name"]
+        if name not in STAGE_FILES:
+            continue  # upload: nothing of its own on disk; its commit is in pipeline_result.json
         folder, filename = STAGE_FILES[name]
         if row["state"] == "cached":
             metrics = stage_metrics(ledger, run_id, name, run["run_dir"])[0]

@@ -52,9 +52,9 @@ def _file_hash(path: str | None) -> str | None:
     return sha256_file(Path(path)) if path else None
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
-    for name in VERSIONED:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

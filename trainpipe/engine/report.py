@@ -102,10 +102,22 @@ def run_report(ledger: LedgerReader, run_id: str) -> dict[str, Any]:
         "traceback": run["error_traceback"],
         "owner": {"pid": run["owner_pid"], "host": run["owner_host"], "heartbeat_at": run["heartbeat_at"]},
         "config": run["config_snapshot"],
+        "lineage": lineage_view(run, ledger.artifacts(run_id)),
         "stages": stages,
         "transitions": [{k: t[k] for k in ("id", "stage", "from_state", "to_state", "trigger", "at", "pid",
                                            "host", "detail")} for t in ledger.transitions(run_id)],
     }
+
+
+def lineage_view(run: dict[str, Any], artifacts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's lineage record (engine/lineage.py; empty for a run created before it was recorded),
+    with the sha256 and size of every artifact from the artifacts table. A path recorded twice (a
+    stage re-run after a kill) keeps its last row, as `verify` does."""
+    latest: dict[str, dict[str, Any]] = {}
+    for row in artifacts:
+        latest[row["path"]] = row
+    return {**(run.get("lineage") or {}), "recorded": run.get("lineage") is not None,
+            "artifacts": [{k: row[k] for k in ("stage", "path", "size_bytes", "sha256")} for row in latest.values()]}
 
 
 # What `inspect` draws per stage (sparklines, --plot): the training loss and DPO's reward margins.

@@ -18,8 +18,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from trainpipe import checkpoints, failures
-from trainpipe.config import STAGE_ORDER, PipelineConfig, config_from_snapshot, ineffective_overrides, load_config
-from trainpipe.engine import cache, liveness, preflight
+from trainpipe.config import (
+    STAGE_ORDER,
+    UPLOAD_STAGE,
+    PipelineConfig,
+    config_from_snapshot,
+    ineffective_overrides,
+    load_config,
+)
+from trainpipe.engine import cache, hub, lineage, liveness, preflight
 from trainpipe.engine.fingerprint import base_model_identity, stage_fingerprint, upstream_stage
 from trainpipe.engine.exports import write_exports
 from trainpipe.engine.machine import RUN_RESUMABLE, STAGE_DONE, RunState, next_state
@@ -31,6 +38,7 @@ from trainpipe.errors import (
     EXIT_STAGE_FAILED,
     EXIT_USAGE,
     ConfigError,
+    EnvironmentChanged,
     IllegalTransition,
     RunOwned,
 )
@@ -98,10 +106,12 @@ def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = Non
     run_id = check_run_id(run_id or new_run_id(config.pipeline_id))
     run_dir = inside(config.output_dir, run_id)
     observer = observer or Observer()
-    ledger.create_run(run_id=run_id, pipeline_id=config.pipeline_id, config_snapshot=config.model_dump(mode="json"),
+    snapshot = config.model_dump(mode="json")
+    ledger.create_run(run_id=run_id, pipeline_id=config.pipeline_id, config_snapshot=snapshot,
                       config_path=str(Path(config_path).resolve()), output_dir=config.output_dir,
-                      run_dir=str(run_dir), stages=[name for name in STAGE_ORDER],
-                      cache_policy={"use_cache": use_cache, "from_stage": from_stage})
+                      run_dir=str(run_dir), stages=list(config.run_stages()),
+                      cache_policy={"use_cache": use_cache, "from_stage": from_stage},
+                      lineage=lineage.build(config, snapshot))
     observer.run_created(run_id, str(run_dir))
     # After the run id: scripts read it from the first line of the output.
     for note in ineffective_overrides(config, overrides or []):
@@ -110,7 +120,9 @@ def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = Non
     return _drive(ledger, run_id, observer, fault_point="run:start")
 
 
-def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None) -> RunResult:
+def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None, force: bool = False) -> RunResult:
+    """Continue a run. Refused (EnvironmentChanged, nothing written) when the environment changed in a
+    way that breaks resuming it, unless `force`; what changed is recorded in the `resume` transition."""
     worker_mode()
     run = ledger.get_run(check_run_id(run_id))
     run = liveness.reconcile(ledger, [run], time.time())[0]
@@ -122,17 +134,53 @@ def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None) -> 
         raise IllegalTransition(f"run {run_id} is {state}; only interrupted or failed runs can be resumed",
                                 hint="start a new run with `trainpipe run`")
     config = config_from_snapshot(run["config_snapshot"])
+    environment, env_notes = check_environment(ledger, run, config, force=force)
     preflight.check(config, ledger, needs_base_model=_needs_base_model(ledger, run_id, config))
     # The compare-and-set makes the claim exclusive: of two concurrent resumes, one loses here.
     try:
         ledger.transition_run(run_id, "resume", _fsm("run", "resume"), expect_state=state, set_owner=True,
-                              detail={"from": state}, error=None, error_kind=None, error_traceback=None)
+                              detail={"from": state, "environment": environment}, error=None, error_kind=None,
+                              error_traceback=None)
     except StaleState:
         fresh = ledger.get_run(run_id)
         raise RunOwned(f"run {run_id} is owned by pid {fresh['owner_pid']} on host {fresh['owner_host']}") from None
     observer = observer or Observer()
     observer.run_created(run_id, run["run_dir"])
+    for note in env_notes:
+        observer.note(note)
     return _drive(ledger, run_id, observer)
+
+
+def check_environment(ledger: Ledger, run: dict[str, Any], config: PipelineConfig, *,
+                      force: bool) -> tuple[dict[str, Any], list[str]]:
+    """Compare the environment a resume would run in with the one the run last ran in (its lineage,
+    as updated by earlier resumes). Returns what the `resume` transition records and the notes to
+    show; raises EnvironmentChanged, before any write, on a breaking difference without `force`."""
+    run_id = run["run_id"]
+    now = lineage.environment(config)
+    if not run.get("lineage"):
+        return ({"checked": False, "now": now},
+                ["environment not checked: this run was created before trainpipe recorded lineage"])
+    resumes = [t["detail"] for t in ledger.transitions(run_id) if t["stage"] is None and t["trigger"] == "resume"]
+    pending = [s["name"] for s in ledger.stages(run_id) if s["state"] not in STAGE_DONE]
+    diffs = lineage.compare(lineage.baseline(run["lineage"], resumes), now, pending)
+    breaking = [d for d in diffs if d.breaking]
+    minor = [d for d in diffs if not d.breaking]
+    if breaking and not force:
+        lines = [f"run {run_id} cannot be resumed as is: the environment changed in a way that breaks resuming it:",
+                 *[f"  {d.line()}" for d in breaking]]
+        if minor:
+            lines += ["also changed (would not stop a resume):", *[f"  {d.line()}" for d in minor]]
+        raise EnvironmentChanged("\n".join(lines),
+                                 hint=f"nothing was recorded; restore the environment above, or resume anyway with "
+                                      f"`trainpipe resume {run_id} --force` (the differences are recorded)")
+    notes = []
+    if breaking:
+        notes.append("resumed with --force despite: " + "; ".join(d.line() for d in breaking))
+    if minor:
+        notes.append("environment changed since the run last ran (not breaking): "
+                     + "; ".join(d.line() for d in minor))
+    return {"checked": True, "forced": bool(breaking), "differences": [d.as_dict() for d in diffs], "now": now}, notes
 
 
 def check_from_stage(config: PipelineConfig, from_stage: str | None, source: str) -> None:
@@ -156,7 +204,7 @@ def validate_inputs(config: PipelineConfig) -> None:
 
 def _needs_base_model(ledger: Ledger, run_id: str, config: PipelineConfig) -> bool:
     """Whether a stage still to run loads the base model (a resume after SFT and merge passed does not)."""
-    return any(config.enabled(s["name"])
+    return any(config.enabled(s["name"]) and s["name"] != UPLOAD_STAGE
                and config.base_model in _stage_inputs(ledger, run_id, config, s["name"]).values()
                for s in ledger.stages(run_id) if s["state"] not in STAGE_DONE)
 
@@ -232,19 +280,23 @@ def _drive(ledger: Ledger, run_id: str, observer: Observer, fault_point: str | N
                                             detail={"reason": "disabled in config"})
                     observer.stage_finished(name, "skipped", {}, None, None)
                     continue
-                if not base_identity:
-                    base_identity.append(base_model_identity(config.base_model))
-                fingerprints[name] = _fingerprint(config, name, fingerprints, base_identity[0])
-                reuse = _reuse_cached(ledger, run, config, stage_row, fingerprints[name], observer, stop)
-                if reuse == "cached":
-                    continue
-                if reuse == "interrupted":
-                    return _finish(ledger, run_id, "interrupt", EXIT_INTERRUPTED, errors, observer)
-                try:
-                    end = _run_stage(ledger, run_id, config, run_dir, name, observer, stop, workers)
-                finally:
-                    if fingerprints[name]:
-                        ledger.release_stage_lease(fingerprints[name], run_id)
+                if name == UPLOAD_STAGE:
+                    # Never cached and never fingerprinted: pushing is an effect, not an output to reuse.
+                    end = _upload_stage(ledger, run_id, config, observer)
+                else:
+                    if not base_identity:
+                        base_identity.append(base_model_identity(config.base_model))
+                    fingerprints[name] = _fingerprint(config, name, fingerprints, base_identity[0])
+                    reuse = _reuse_cached(ledger, run, config, stage_row, fingerprints[name], observer, stop)
+                    if reuse == "cached":
+                        continue
+                    if reuse == "interrupted":
+                        return _finish(ledger, run_id, "interrupt", EXIT_INTERRUPTED, errors, observer)
+                    try:
+                        end = _run_stage(ledger, run_id, config, run_dir, name, observer, stop, workers)
+                    finally:
+                        if fingerprints[name]:
+                            ledger.release_stage_lease(fingerprints[name], run_id)
                 if end.error:
                     errors.append(f"{name}: {end.error}")
                 if end.state == "interrupted":
@@ -286,6 +338,33 @@ def _finish(ledger: Ledger, run_id: str, trigger: str, exit_code: int, errors: l
     run = ledger.get_run(run_id)
     write_exports(ledger, run_id)
     return RunResult(run_id, state, exit_code, run["run_dir"], run["final_model_path"], errors, gate, error_kind)
+
+
+def _upload_stage(ledger: Ledger, run_id: str, config: PipelineConfig, observer: Observer) -> StageEnd:
+    """Push the run's final model to `hub_repo_id` through the stage machine (start, validate, pass_gate
+    or fail); one attempt per drive, so a failure ends the run at once and a resume retries only this."""
+    folder = ledger.get_run(run_id)["final_model_path"]
+    repo_id = config.hub_repo_id or ""
+    ledger.transition_stage(run_id, UPLOAD_STAGE, "start", _fsm("stage", "start"),
+                            detail={"repo_id": repo_id, "folder": folder})
+    attempt_id, attempt_no = ledger.open_attempt(run_id, UPLOAD_STAGE)
+    observer.stage_started(UPLOAD_STAGE, attempt_no, None)
+    try:
+        commit = hub.push(folder, repo_id, run_id)
+    except hub.UploadFailed as exc:
+        error = (f"upload to hub failed: {exc.message}; the trained model is untouched at {folder}; "
+                 f"`trainpipe resume {run_id}` retries the upload only")
+        ledger.close_attempt(attempt_id, "failed", error=error, error_kind=exc.kind)
+        ledger.transition_stage(run_id, UPLOAD_STAGE, "fail", _fsm("stage", "fail"),
+                                detail={"kind": "failed", "error_kind": exc.kind, "error": error})
+        observer.stage_finished(UPLOAD_STAGE, "failed", {}, None, error)
+        return StageEnd("failed", error, None, exc.kind)
+    ledger.transition_stage(run_id, UPLOAD_STAGE, "validate", _fsm("stage", "validate"), detail=commit)
+    ledger.close_attempt(attempt_id, "passed", metrics=commit)
+    ledger.transition_stage(run_id, UPLOAD_STAGE, "pass_gate", _fsm("stage", "pass_gate"), detail=commit)
+    observer.stage_finished(UPLOAD_STAGE, "passed", commit, None, None)
+    observer.note(f"uploaded {folder} to {repo_id}: {commit['commit_url']}")
+    return StageEnd("passed")
 
 
 def _stage_inputs(ledger: Ledger, run_id: str, config: PipelineConfig, name: str) -> dict[str, str | None]:

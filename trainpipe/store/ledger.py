@@ -227,14 +227,15 @@ class Ledger(LedgerReader):
 
     def create_run(self, *, run_id: str, pipeline_id: str, config_snapshot: dict[str, Any],
                    config_path: str | None, output_dir: str, run_dir: str,
-                   stages: Iterable[str], cache_policy: dict[str, Any] | None = None) -> None:
-        """Insert a pending run with its stages pending, and the `create` transition."""
+                   stages: Iterable[str], cache_policy: dict[str, Any] | None = None,
+                   lineage: dict[str, Any] | None = None) -> None:
+        """Insert a pending run with its stages pending (and its lineage), and the `create` transition."""
         now = time.time()
         with self._write() as conn:
             conn.execute(insert(s.runs).values(
                 run_id=run_id, pipeline_id=pipeline_id, state="pending", config_path=config_path,
                 config_snapshot=config_snapshot, output_dir=output_dir, run_dir=run_dir,
-                created_at=now, updated_at=now, cache_policy=cache_policy))
+                created_at=now, updated_at=now, cache_policy=cache_policy, lineage=lineage))
             for position, name in enumerate(stages):
                 conn.execute(insert(s.stages).values(run_id=run_id, name=name, position=position,
                                                      state="pending", updated_at=now))
