@@ -150,6 +150,14 @@ def test_ledger_from_a_newer_trainpipe(ledger_path: Path) -> None:
     assert rows(ledger_path) == before
 
 
+def test_unreachable_postgresql_ledger(tmp_path: Path) -> None:
+    url = "postgresql+psycopg://trainpipe@127.0.0.1:1/ledger"  # port 1: refused at once, no server needed
+    for args in (["status"], ["run", str(QUICKSTART), *sets(f"output_dir={tmp_path / 'out'}")]):
+        proc = cli(*args, "--db", url)
+        assert_clean(proc, 2, f"error: ledger {url}: connection failed", "Connection refused")
+    assert not (tmp_path / "out").exists()
+
+
 def test_read_only_ledger_refuses_a_run_but_can_be_read(ledger_path: Path, tmp_path: Path) -> None:
     before = rows(ledger_path)
     with read_only(ledger_path):

@@ -138,6 +138,8 @@ class Ledger(LedgerReader):
         self._engine.dispose()
 
     def _problem(self, exc: DBAPIError) -> str:
+        if self._engine.dialect.name != "sqlite":
+            return f"ledger {self.where}: {' '.join(str(exc.orig).split())}"
         return sqlite_problem(self.where, str(exc.orig))
 
     def _query(self, sql: str, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
