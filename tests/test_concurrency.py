@@ -129,3 +129,38 @@ def test_eight_processes_write_one_ledger_without_lost_or_duplicated_transitions
     assert_transitions_gap_free(ledger, "shared")
     assert ledger.get_run("shared")["state"] == toggles[-1]["to_state"]
     ledger.close()
+
+
+def open_ledger(db_url: str, barrier, results) -> None:
+    try:
+        barrier.wait(timeout=120)
+        Ledger(db_url).close()
+        results.put(None)
+    except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
+        results.put(traceback.format_exc())
+
+
+def test_processes_opening_a_new_ledger_at_once_migrate_it_once(db_url: str) -> None:
+    """The first open creates the schema; of four at once, one migrates and the others find it done
+    (SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory lock, and DDL inside the transaction)."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=open_ledger, args=(db_url, barrier, results)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    errors = [error for error in (results.get(timeout=300) for _ in procs) if error]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert not errors, "\n".join(errors)
+
+    from sqlalchemy import create_engine
+
+    from trainpipe.store.reader import HEAD
+
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [(HEAD,)]
+            assert conn.exec_driver_sql("SELECT name FROM schema_migrations").all() == [("alembic",)]
+    finally:
+        engine.dispose()
