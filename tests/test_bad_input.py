@@ -136,9 +136,13 @@ def test_sqlite_file_that_is_not_a_ledger_is_left_alone(tmp_path: Path) -> None:
     assert sha256(other) == before
 
 
-def test_ledger_from_a_newer_trainpipe(ledger_path: Path) -> None:
+# A newer trainpipe's Alembic revision; or a pre-Alembic step name (0.1.0 recorded those).
+@pytest.mark.parametrize("statement", [
+    "UPDATE alembic_version SET version_num = '0099_from_the_future'",
+    "INSERT INTO schema_migrations (name, applied_at) VALUES ('0099_from_the_future', 0)"])
+def test_ledger_from_a_newer_trainpipe(statement: str, ledger_path: Path) -> None:
     conn = sqlite3.connect(ledger_path)
-    conn.execute("INSERT INTO schema_migrations (name, applied_at) VALUES ('0099_from_the_future', 0)")
+    conn.execute(statement)
     conn.commit()
     conn.close()
     before = rows(ledger_path)
