@@ -14,6 +14,7 @@ SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 TASK_API = REPO_ROOT / "examples" / "task_api"
+PG_URL_ENV = "TRAINPIPE_TEST_PG_URL"
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +41,61 @@ def isolated_env(tmp_path, model_cache, monkeypatch) -> Path:
 
 
 @pytest.fixture
-def db_url(tmp_path) -> str:
+def db_url(request, tmp_path, monkeypatch) -> str:
+    """The test's ledger: a SQLite file, or with `indirect` param "postgresql" a fresh PostgreSQL
+    database (see pg_url), which TRAINPIPE_DB then names too, for the CLI and the engine."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        monkeypatch.setenv("TRAINPIPE_DB", url)
+        return url
     return f"sqlite:///{tmp_path / 'ledger.db'}"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """The server in TRAINPIPE_TEST_PG_URL (`.ci/start-postgres` starts one and prints it). Without
+    one the PostgreSQL tests skip, saying why; under CI=true they fail instead: CI must run them."""
+    url = os.environ.get(PG_URL_ENV)
+    reason = None
+    if not url:
+        reason = f"no PostgreSQL server: set {PG_URL_ENV} (`.ci/start-postgres` starts one and prints the URL)"
+    else:
+        from sqlalchemy import create_engine
+        from sqlalchemy.exc import SQLAlchemyError
+
+        engine = create_engine(url, connect_args={"connect_timeout": 5})
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except SQLAlchemyError as exc:
+            reason = f"PostgreSQL server {PG_URL_ENV}={url} is not reachable: {str(exc).splitlines()[0]}"
+        finally:
+            engine.dispose()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI=true: the PostgreSQL tests must run, not skip)")
+        pytest.skip(reason)
+    return url
+
+
+@pytest.fixture
+def pg_url(pg_server: str):
+    """A fresh database on the test server, dropped afterwards."""
+    import uuid
+
+    from sqlalchemy import create_engine, make_url
+
+    name = f"tp_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {name}")
+        yield make_url(pg_server).set(database=name).render_as_string(hide_password=False)
+        with admin.connect() as conn:
+            # FORCE: a SIGKILLed run's connections may linger until the server notices.
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        admin.dispose()
 
 
 @pytest.fixture

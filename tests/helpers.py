@@ -64,12 +64,12 @@ def only_run_id(db_url: str) -> str | None:
     return runs[0]["run_id"] if runs else None
 
 
-def start_run(config: Path, overrides: list[str], fault: dict | None = None) -> subprocess.Popen:
-    """`trainpipe run` as a real background process, optionally with a TRAINPIPE_FAULT."""
+def start_run(config: Path, overrides: list[str], fault: dict | None = None, db: str | None = None) -> subprocess.Popen:
+    """`trainpipe run` as a real background process, optionally with a TRAINPIPE_FAULT and `--db`."""
     env = os.environ.copy()
     if fault:
         env["TRAINPIPE_FAULT"] = json.dumps(fault)
-    args = [arg for override in overrides for arg in ("--set", override)]
+    args = [arg for override in overrides for arg in ("--set", override)] + (["--db", db] if db else [])
     return subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "run", str(config), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 

@@ -136,9 +136,13 @@ def test_sqlite_file_that_is_not_a_ledger_is_left_alone(tmp_path: Path) -> None:
     assert sha256(other) == before
 
 
-def test_ledger_from_a_newer_trainpipe(ledger_path: Path) -> None:
+# A newer trainpipe's Alembic revision; or a pre-Alembic step name (0.1.0 recorded those).
+@pytest.mark.parametrize("statement", [
+    "UPDATE alembic_version SET version_num = '0099_from_the_future'",
+    "INSERT INTO schema_migrations (name, applied_at) VALUES ('0099_from_the_future', 0)"])
+def test_ledger_from_a_newer_trainpipe(statement: str, ledger_path: Path) -> None:
     conn = sqlite3.connect(ledger_path)
-    conn.execute("INSERT INTO schema_migrations (name, applied_at) VALUES ('0099_from_the_future', 0)")
+    conn.execute(statement)
     conn.commit()
     conn.close()
     before = rows(ledger_path)
@@ -148,6 +152,14 @@ def test_ledger_from_a_newer_trainpipe(ledger_path: Path) -> None:
         assert_clean(proc, 2, "was created by a newer trainpipe", "0099_from_the_future", "upgrade trainpipe")
 
     assert rows(ledger_path) == before
+
+
+def test_unreachable_postgresql_ledger(tmp_path: Path) -> None:
+    url = "postgresql+psycopg://trainpipe@127.0.0.1:1/ledger"  # port 1: refused at once, no server needed
+    for args in (["status"], ["run", str(QUICKSTART), *sets(f"output_dir={tmp_path / 'out'}")]):
+        proc = cli(*args, "--db", url)
+        assert_clean(proc, 2, f"error: ledger {url}: connection failed", "Connection refused")
+    assert not (tmp_path / "out").exists()
 
 
 def test_read_only_ledger_refuses_a_run_but_can_be_read(ledger_path: Path, tmp_path: Path) -> None:

@@ -366,12 +366,13 @@ _LIGHT_CHECK = (
 @pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["inspect", "RUN"], ["inspect", "RUN", "--json"]])
 def test_status_and_inspect_stay_light(command: list[str], ledger: Ledger, tmp_path: Path) -> None:
     """benchmarks/cli_startup.py times them at 10,000 runs; what keeps them fast is what they do not
-    import: no torch stack, and on a migrated SQLite ledger neither SQLAlchemy nor `transitions`; nor
-    pydantic, which Typer 0.29 pulls in to coerce options (pyproject keeps Typer below it)."""
+    import: no torch stack, and on a migrated SQLite ledger neither SQLAlchemy, Alembic nor `transitions`;
+    nor pydantic, which Typer 0.29 pulls in to coerce options (pyproject keeps Typer below it)."""
     run_id, _ = _abandoned_run(ledger, tmp_path)
     ledger.transition_run(run_id, "interrupt", fsm("run", "interrupt"), clear_owner=True)  # nothing left to mark
     args = [run_id if a == "RUN" else a for a in command]
-    modules = ("torch", "transformers", "trl", "peft", "datasets", "sqlalchemy", "transitions", "pydantic")
+    modules = ("torch", "transformers", "trl", "peft", "datasets", "sqlalchemy", "transitions", "alembic",
+               "pydantic")
     proc = subprocess.run([sys.executable, "-c", _LIGHT_CHECK.format(args=args, modules=modules)],
                           capture_output=True, text=True, env=os.environ.copy(), timeout=120)
 

@@ -1,4 +1,5 @@
-"""The ledger on a real SQLite file: pragmas, atomic transitions, compare-and-set, migrations."""
+"""The ledger on a real SQLite file and on a real PostgreSQL database (every test that takes `db_url`
+runs on both; see pytest_generate_tests): pragmas, atomic transitions, compare-and-set, migrations."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import socket
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,22 @@ from sqlalchemy.exc import IntegrityError
 
 from trainpipe.engine.machine import next_state
 from trainpipe.errors import IllegalTransition, RunNotFound
-from trainpipe.store.ledger import HOST, MIGRATIONS, Ledger, StaleState
+from trainpipe.errors import LedgerError
+from trainpipe.store.ledger import HEAD, HOST, Ledger, StaleState
+from trainpipe.store.reader import MIGRATION_NAMES
 
 STAGES = ("sft", "merge", "dpo")
+RELEASE_0_1_0 = Path(__file__).parent / "fixtures" / "ledger_release_0_1_0.sql"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "db_url" in metafunc.fixturenames:
+        metafunc.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+
+
+def sqlite_only(db_url: str, why: str) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip(f"SQLite only: {why}")
 
 
 def fsm(kind: str, trigger: str):
@@ -27,12 +42,44 @@ def db_file(db_url: str) -> Path:
 
 
 def raw_rows(db_url: str, sql: str, *params) -> list[tuple]:
-    """Read through a plain sqlite3 connection: what is really on disk."""
-    conn = sqlite3.connect(db_file(db_url))
+    """Read through a connection of its own (plain sqlite3 for a file): what is really stored."""
+    if db_url.startswith("sqlite"):
+        conn = sqlite3.connect(db_file(db_url))
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+    assert not params
+    from sqlalchemy import create_engine
+
+    engine = create_engine(db_url)
     try:
-        return conn.execute(sql, params).fetchall()
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.exec_driver_sql(sql)]
     finally:
-        conn.close()
+        engine.dispose()
+
+
+def raw_exec(db_url: str, *statements: str) -> None:
+    """Change the database behind the ledger's back, in one transaction."""
+    if db_url.startswith("sqlite"):
+        conn = sqlite3.connect(db_file(db_url))
+        try:
+            with conn:
+                for statement in statements:
+                    conn.execute(statement)
+        finally:
+            conn.close()
+        return
+    from sqlalchemy import create_engine
+
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+    finally:
+        engine.dispose()
 
 
 def make_run(ledger: Ledger, run_id: str = "run-1", tmp: Path | None = None) -> str:
@@ -66,11 +113,12 @@ def test_uses_the_env_db_by_default(db_url: str) -> None:
         make_run(ledger)
     finally:
         ledger.close()
-    assert db_file(db_url).is_file()
+    assert not db_url.startswith("sqlite") or db_file(db_url).is_file()
     assert raw_rows(db_url, "SELECT run_id FROM runs") == [("run-1",)]
 
 
-def test_pragmas_in_effect(ledger: Ledger) -> None:
+def test_pragmas_in_effect(ledger: Ledger, db_url: str) -> None:
+    sqlite_only(db_url, "PRAGMAs; PostgreSQL's durability and locking are the server's")
     with ledger._engine.connect() as conn:
         pragma = lambda name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()  # noqa: E731
         assert pragma("journal_mode") == "wal"
@@ -80,6 +128,7 @@ def test_pragmas_in_effect(ledger: Ledger) -> None:
 
 
 def test_wal_mode_persists_in_the_file(ledger: Ledger, db_url: str) -> None:
+    sqlite_only(db_url, "journal_mode=WAL is a SQLite file's setting")
     assert raw_rows(db_url, "PRAGMA journal_mode") == [("wal",)]
 
 
@@ -90,12 +139,17 @@ def test_foreign_keys_are_enforced(ledger: Ledger) -> None:
         ledger.record_artifacts("no-such-run", "sft", [("x", 1, "0" * 64)])
 
 
-def test_integrity_check(ledger: Ledger) -> None:
+def test_integrity_check(ledger: Ledger, db_url: str) -> None:
+    sqlite_only(db_url, "PRAGMA integrity_check")
     make_run(ledger)
     assert ledger.integrity_check() == "ok"
 
 
 # ------------------------------------------------------------------ migrations
+
+
+def alembic_version(db_url: str) -> list[tuple]:
+    return raw_rows(db_url, "SELECT version_num FROM alembic_version")
 
 
 def test_migrations_rerun_safely(db_url: str) -> None:
@@ -111,7 +165,23 @@ def test_migrations_rerun_safely(db_url: str) -> None:
     finally:
         second.close()
         third.close()
-    assert raw_rows(db_url, "SELECT name FROM schema_migrations ORDER BY name") == [(n,) for n, _ in MIGRATIONS]
+    assert alembic_version(db_url) == [(HEAD,)]
+    # Only the marker that tells trainpipe 0.1.0 (which reads this table alone) to keep out.
+    assert raw_rows(db_url, "SELECT name FROM schema_migrations") == [("alembic",)]
+
+
+def test_head_is_the_alembic_script_directorys_head() -> None:
+    """reader.HEAD lets `status` decide without importing Alembic; it must be Alembic's own answer."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from trainpipe.store.ledger import MIGRATIONS_DIR
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    script = ScriptDirectory.from_config(config)
+    assert script.get_heads() == [HEAD]
+    assert tuple(r.revision for r in reversed(list(script.walk_revisions()))) == MIGRATION_NAMES
 
 
 def test_migrations_0003_0004_upgrade_a_0002_ledger(db_url: str) -> None:
@@ -119,12 +189,9 @@ def test_migrations_0003_0004_upgrade_a_0002_ledger(db_url: str) -> None:
     ledger = Ledger(db_url)
     make_run(ledger)
     ledger.close()
-    conn = sqlite3.connect(db_file(db_url))
-    conn.executescript("DROP INDEX ix_gate_results_run; DROP INDEX ix_gate_checks_gate; DROP INDEX ix_checkpoints_run;"
-                       "DROP INDEX ix_artifacts_run; ALTER TABLE stage_attempts DROP COLUMN worker;"
-                       "DELETE FROM schema_migrations WHERE name IN ('0003_lookup_indexes', '0004_attempt_worker');")
-    conn.close()
-    assert "0004_attempt_worker" not in {n for (n,) in raw_rows(db_url, "SELECT name FROM schema_migrations")}
+    raw_exec(db_url, "DROP INDEX ix_gate_results_run", "DROP INDEX ix_gate_checks_gate", "DROP INDEX ix_checkpoints_run",
+             "DROP INDEX ix_artifacts_run", "ALTER TABLE stage_attempts DROP COLUMN worker",
+             "UPDATE alembic_version SET version_num = '0002_error_kinds'")
 
     ledger = Ledger(db_url)
     try:
@@ -132,16 +199,153 @@ def test_migrations_0003_0004_upgrade_a_0002_ledger(db_url: str) -> None:
         ledger.set_attempt_process(attempt_id, 4242, "fork")
         assert [(a["pid"], a["worker"]) for a in ledger.attempts("run-1")] == [(4242, "fork")]
         assert ledger.get_run("run-1")["state"] == "pending"
+        from sqlalchemy import inspect
+
+        indexes = {i["name"] for table in ("gate_results", "gate_checks", "checkpoints", "artifacts")
+                   for i in inspect(ledger._engine).get_indexes(table)}
     finally:
         ledger.close()
-    indexes = {name for (name,) in raw_rows(db_url, "SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"ix_gate_results_run", "ix_gate_checks_gate", "ix_checkpoints_run", "ix_artifacts_run"} <= indexes
-    assert raw_rows(db_url, "SELECT name FROM schema_migrations ORDER BY name") == [(n,) for n, _ in MIGRATIONS]
+    assert alembic_version(db_url) == [(HEAD,)]
+
+
+def test_migration_0002_upgrades_a_0001_ledger_in_place(db_url: str) -> None:
+    """A ledger written before error kinds existed gains the columns and keeps its rows."""
+    ledger = Ledger(db_url)
+    make_run(ledger)
+    ledger.close()
+    raw_exec(db_url, *[f"ALTER TABLE {table} DROP COLUMN {column}" for table in ("runs", "stage_attempts")
+                       for column in ("error_kind", "error_traceback")],
+             "UPDATE alembic_version SET version_num = '0001_initial'")
+
+    upgraded = Ledger(db_url)
+    try:
+        assert upgraded.get_run("run-1")["error_kind"] is None
+        upgraded.update_run("run-1", error_kind="user")
+        assert upgraded.get_run("run-1")["error_kind"] == "user"
+    finally:
+        upgraded.close()
+    assert alembic_version(db_url) == [(HEAD,)]
+
+
+def test_a_ledger_from_a_newer_trainpipe_is_refused_and_left_alone(db_url: str) -> None:
+    ledger = Ledger(db_url)
+    make_run(ledger)
+    ledger.close()
+    raw_exec(db_url, "UPDATE alembic_version SET version_num = '0099_from_the_future'")
+    before = _snapshot(db_url)
+
+    with pytest.raises(LedgerError) as info:
+        Ledger(db_url)
+    assert "was created by a newer trainpipe" in info.value.message and "0099_from_the_future" in info.value.message
+    assert _snapshot(db_url) == before
+    assert alembic_version(db_url) == [("0099_from_the_future",)]
+
+
+def load_release_ledger(path: Path, *statements: str) -> str:
+    """The ledger trainpipe 0.1.0 (the pre-Alembic runner, schema_migrations only) left, from its dump."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript(RELEASE_0_1_0.read_text())
+        with conn:
+            for statement in statements:
+                conn.execute(statement)
+    finally:
+        conn.close()
+    return f"sqlite:///{path}"
+
+
+def test_a_ledger_made_by_release_0_1_0_is_upgraded_on_open(tmp_path: Path) -> None:
+    url = load_release_ledger(tmp_path / "release.db")
+    assert "alembic_version" not in {n for (n,) in raw_rows(url, "SELECT name FROM sqlite_master")}
+
+    ledger = Ledger(url)
+    try:
+        run = ledger.get_run("release-run")
+        assert (run["state"], run["pipeline_id"]) == ("interrupted", "quickstart")
+        assert run["config_snapshot"] == {"pipeline_id": "quickstart", "seed": 42, "sft": {"max_steps": 12}}
+        assert run["cache_policy"] == {"use_cache": True, "from_stage": None}
+        assert [(t["stage"], t["trigger"], t["to_state"]) for t in ledger.transitions("release-run")] == [
+            (None, "create", "pending"), (None, "start", "running"), ("sft", "start", "running"),
+            ("sft", "validate", "validating"), ("sft", "pass_gate", "passed"), (None, "interrupt", "interrupted")]
+        assert [(s["name"], s["state"]) for s in ledger.stages("release-run")] == [
+            ("sft", "passed"), ("merge", "pending"), ("dpo", "pending")]
+        (attempt,) = ledger.attempts("release-run")
+        assert (attempt["outcome"], attempt["worker"], attempt["overrides"]) == ("passed", "fork", {"batch_size": 4})
+        (gate,) = ledger.gates("release-run")
+        assert gate["passed"] is True
+        assert [(c["name"], c["value"]) for c in gate["checks"]] == [
+            ("loss_below_max", 1.75), ("output_format_valid", {"share": 0.25})]
+        assert [m["value"] for m in ledger.metrics("release-run")] == [2.5, 1.75]
+        # ... and it takes this version's writes.
+        ledger.transition_run("release-run", "resume", fsm("run", "resume"), set_owner=True)
+    finally:
+        ledger.close()
+    assert alembic_version(url) == [(HEAD,)]
+    assert raw_rows(url, "SELECT name FROM schema_migrations ORDER BY name") == [
+        (n,) for n in MIGRATION_NAMES] + [("alembic",)]
+
+    from helpers import cli_json
+
+    from trainpipe.store.reader import LedgerReader, open_for_reading
+
+    # Now at head, `status` reads it through the light reader.
+    assert type(open_for_reading(url)) is LedgerReader
+    rows = cli_json("status", "--all", "--db", url)
+    assert [(r["run_id"], r["state"]) for r in rows] == [("release-run", "running")]
+
+
+def test_a_0_1_0_ledger_before_0007_gains_the_lineage_column(tmp_path: Path) -> None:
+    url = load_release_ledger(tmp_path / "release.db", "ALTER TABLE runs DROP COLUMN lineage",
+                              "DELETE FROM schema_migrations WHERE name = '0007_lineage'")
+    from helpers import cli_json
+
+    # `status` is what a user runs first after upgrading: it migrates too.
+    rows = cli_json("status", "--all", "--db", url)
+    assert [(r["run_id"], r["state"]) for r in rows] == [("release-run", "interrupted")]
+    assert alembic_version(url) == [(HEAD,)]
+    assert "lineage" in {r[1] for r in raw_rows(url, "PRAGMA table_info(runs)")}
+    ledger = Ledger(url)
+    try:
+        ledger.update_run("release-run", lineage={"seed": 42})
+        assert ledger.get_run("release-run")["lineage"] == {"seed": 42}
+    finally:
+        ledger.close()
+
+
+def test_a_damaged_0_1_0_ledger_is_refused_and_not_stamped(tmp_path: Path) -> None:
+    """Every step recorded but a column gone: the upgrade's transaction rolls back, stamp included."""
+    url = load_release_ledger(tmp_path / "release.db", "ALTER TABLE runs DROP COLUMN lineage")
+    before = raw_rows(url, "SELECT * FROM sqlite_master")
+
+    with pytest.raises(LedgerError) as info:
+        Ledger(url)
+    assert "is damaged: table runs lacks lineage" in info.value.message
+    assert raw_rows(url, "SELECT * FROM sqlite_master") == before
+    assert raw_rows(url, "SELECT COUNT(*) FROM schema_migrations WHERE name = 'alembic'") == [(0,)]
+
+
+def test_a_0_1_0_ledger_with_an_unknown_step_is_refused(tmp_path: Path) -> None:
+    url = load_release_ledger(tmp_path / "release.db",
+                              "INSERT INTO schema_migrations (name, applied_at) VALUES ('0008_future', 0)")
+    with pytest.raises(LedgerError) as info:
+        Ledger(url)
+    assert "was created by a newer trainpipe" in info.value.message and "0008_future" in info.value.message
+    assert "alembic_version" not in {n for (n,) in raw_rows(url, "SELECT name FROM sqlite_master")}
+
+
+def test_opening_a_ledger_at_head_does_not_import_alembic(db_url: str) -> None:
+    Ledger(db_url).close()
+    code = ("import sys; from trainpipe.store.ledger import Ledger; "
+            f"Ledger({db_url!r}).close(); assert 'alembic' not in sys.modules, 'alembic imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_stdlib_reads_return_what_sqlalchemy_reads_return(ledger: Ledger, db_url: str) -> None:
     """A SQLite file is read through the stdlib sqlite3 module (store/reader.py); any other URL,
     here the same file with a query option, through SQLAlchemy. Both must decode rows alike."""
+    sqlite_only(db_url, "compares the stdlib sqlite3 reader with SQLAlchemy on one file")
     run_id = make_run(ledger)
     attempt_id, _ = ledger.open_attempt(run_id, "sft", overrides={"batch_size": 4})
     ledger.close_attempt(attempt_id, "passed", metrics={"final_loss": 0.5, "nested": [1, 2]})
@@ -188,6 +392,7 @@ def test_the_stdlib_reader_decodes_every_json_and_boolean_column_of_the_schema()
 
 def test_a_migrated_sqlite_ledger_is_opened_for_reading_without_sqlalchemy(ledger: Ledger, db_url: str,
                                                                            tmp_path: Path) -> None:
+    sqlite_only(db_url, "the stdlib sqlite3 reader")
     from trainpipe.store.reader import LedgerReader, open_for_reading
 
     make_run(ledger)
@@ -200,33 +405,12 @@ def test_a_migrated_sqlite_ledger_is_opened_for_reading_without_sqlalchemy(ledge
     fresh.close()
 
 
-def test_migration_0002_upgrades_a_0001_ledger_in_place(db_url: str) -> None:
-    """A ledger written before error kinds existed gains the columns and keeps its rows."""
-    ledger = Ledger(db_url)
-    make_run(ledger)
-    ledger.close()
-    conn = sqlite3.connect(db_file(db_url))
-    for table in ("runs", "stage_attempts"):
-        for column in ("error_kind", "error_traceback"):
-            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
-    conn.execute("DELETE FROM schema_migrations WHERE name = '0002_error_kinds'")
-    conn.commit()
-    conn.close()
+def test_schema_has_the_ledger_tables(ledger: Ledger) -> None:
+    from sqlalchemy import inspect
 
-    upgraded = Ledger(db_url)
-    try:
-        assert upgraded.get_run("run-1")["error_kind"] is None
-        upgraded.update_run("run-1", error_kind="user")
-        assert upgraded.get_run("run-1")["error_kind"] == "user"
-    finally:
-        upgraded.close()
-    assert ("0002_error_kinds",) in raw_rows(db_url, "SELECT name FROM schema_migrations")
-
-
-def test_schema_has_the_ledger_tables(ledger: Ledger, db_url: str) -> None:
-    tables = {name for (name,) in raw_rows(db_url, "SELECT name FROM sqlite_master WHERE type='table'")}
+    tables = set(inspect(ledger._engine).get_table_names())
     assert {"runs", "stages", "stage_attempts", "transitions", "checkpoints", "gate_results", "gate_checks",
-            "metrics", "artifacts", "schema_migrations"} <= tables
+            "metrics", "artifacts", "schema_migrations", "alembic_version"} <= tables
 
 
 # ------------------------------------------------------------------ create_run

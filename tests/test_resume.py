@@ -14,12 +14,14 @@ from trainpipe.store.ledger import Ledger
 pytestmark = pytest.mark.slow
 
 
-def _start_run(tmp_path, extra: list[str] | None = None):
-    return start_run(QUICKSTART, fast_overrides(tmp_path / "out") + (extra or []))
+def _start_run(tmp_path, extra: list[str] | None = None, db: str | None = None):
+    return start_run(QUICKSTART, fast_overrides(tmp_path / "out") + (extra or []), db=db)
 
 
+# On PostgreSQL too: the run, `status` and `resume` each name the server's database with --db.
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
 def test_sigkill_after_sft_then_resume_reuses_sft(tmp_path, db_url):
-    proc = _start_run(tmp_path)
+    proc = _start_run(tmp_path, db=db_url)
     run_id = wait_for(lambda: only_run_id(db_url), timeout=60, what="the run row")
     wait_for(lambda: stage_states(db_url, run_id)["sft"] == "passed", what="SFT to pass")
     proc.send_signal(signal.SIGKILL)
@@ -32,16 +34,16 @@ def test_sigkill_after_sft_then_resume_reuses_sft(tmp_path, db_url):
     wait_for(lambda: not any(pid_alive(p) for p in stage_pids), timeout=30, what="the stage child to exit")
 
     # Never shown as running once its owner is gone: status marks it interrupted (compare-and-set).
-    status = cli("status")
+    status = cli("status", "--db", db_url)
     assert status.returncode == 0
     assert f"trainpipe resume {run_id}" in status.stdout
-    rows = cli_json("status")
+    rows = cli_json("status", "--db", db_url)
     assert [(r["run_id"], r["state"]) for r in rows] == [(run_id, "interrupted")]
     ledger = Ledger(db_url)
     interrupts = [t for t in ledger.transitions(run_id) if t["trigger"] == "interrupt" and t["stage"] is None]
     assert len(interrupts) == 1 and "gone" in interrupts[0]["detail"]["reason"]
 
-    resumed = cli("resume", run_id)
+    resumed = cli("resume", run_id, "--db", db_url)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert stage_states(db_url, run_id) == {"sft": "passed", "merge": "passed", "dpo": "passed"}
     by_stage: dict[str, list] = {}
@@ -51,7 +53,7 @@ def test_sigkill_after_sft_then_resume_reuses_sft(tmp_path, db_url):
     assert by_stage["dpo"][-1] == "passed"
     assert ledger.get_run(run_id)["state"] == "succeeded"
     # Resuming twice is refused: the run is finished.
-    assert cli("resume", run_id).returncode == 2
+    assert cli("resume", run_id, "--db", db_url).returncode == 2
 
 
 def test_sigint_leaves_run_interrupted_and_resumable(tmp_path, db_url):

@@ -3,7 +3,10 @@
 Guarantees:
 - every state change and its transition row commit in one transaction, or neither does;
 - a state change is a compare-and-set: it fires only from the state the caller's resolver saw,
-  under a write lock (SQLite `BEGIN IMMEDIATE`), so two observers cannot both act on one run;
+  under a write lock, so two observers cannot both act on one run. SQLite: `BEGIN IMMEDIATE` locks
+  the whole file. PostgreSQL (READ COMMITTED): each write first locks the row it decides on
+  (`SELECT ... FOR UPDATE`), or is one UPDATE whose WHERE PostgreSQL re-checks after waiting for the
+  row, or inserts a key that only one transaction can insert;
 - the transitions table is append-only.
 """
 
@@ -17,66 +20,47 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Engine, create_engine, event, func, insert, make_url, select, text, update
+from sqlalchemy import Engine, create_engine, event, func, insert, make_url, select, text, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
 
 from trainpipe.errors import LedgerError, RunNotFound
 from trainpipe.paths import dir_problem
 from trainpipe.store import schema as s
 from trainpipe.store.reader import (  # noqa: F401 - HOST, StaleState, default_db_url: imported from here too
+    ALEMBIC_MARKER,
+    HEAD,
     HOST,
     LEDGER_HINT,
-    MIGRATION_NAMES,
     LedgerReader,
     StaleState,
-    check_applied,
     default_db_url,
+    schema_revision,
     sqlite_file,
     sqlite_problem,
 )
 
 
-def _add_columns(*columns: Column) -> Callable[[Connection], None]:
-    """A migration adding nullable columns. It checks first, because 0001 creates the tables from
-    the current metadata: a ledger made by this version already has them."""
-    def apply(conn: Connection) -> None:
-        for column in columns:
-            table = column.table.name
-            if column.name not in {c["name"] for c in sa_inspect(conn).get_columns(table)}:
-                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column.name} "
-                                     f"{column.type.compile(conn.dialect)}")
-    return apply
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# Of two processes opening a new PostgreSQL ledger, one migrates and the other waits, then finds it done
+# (SQLite gets the same from BEGIN IMMEDIATE). Any constant works; this one spells "tpip".
+_PG_MIGRATION_LOCK = 0x74706970
 
 
-def _add_lookup_indexes(conn: Connection) -> None:
-    for index in s.LOOKUP_INDEXES:
-        index.create(conn, checkfirst=True)  # a ledger made by today's create_all has them already
+def migrate(conn: Connection, *, stamp: str | None = None) -> None:
+    """Upgrade the ledger on `conn` to HEAD with Alembic, inside the caller's transaction; first, with
+    `stamp`, record that a ledger the pre-Alembic runner made is already at that revision.
+    Alembic is imported here only: most opens find nothing due and never load it."""
+    from alembic import command
+    from alembic.config import Config
 
-
-def _stage_cache(conn: Connection) -> None:
-    _add_columns(s.stages.c.fingerprint, s.stages.c.cached_from_run, s.stages.c.cached_from_stage,
-                 s.stages.c.cache_note, s.gate_results.c.carried_from, s.runs.c.cache_policy)(conn)
-    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_stages_fingerprint ON stages (fingerprint)")
-    s.metadata.create_all(conn, tables=[s.stage_leases])
-
-
-# Ordered, named migrations; each runs once and is recorded. New ones go at the end. A ledger that
-# has a name this list lacks was written by a newer trainpipe and is refused, not guessed at.
-# Names are matched as a set, not by position, and every step checks before it adds, so a step
-# merged in later that sorts before one a ledger already has is harmless.
-MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
-    ("0001_initial", lambda conn: s.metadata.create_all(conn)),
-    ("0002_error_kinds", _add_columns(s.runs.c.error_kind, s.runs.c.error_traceback,
-                                      s.stage_attempts.c.error_kind, s.stage_attempts.c.error_traceback)),
-    ("0003_lookup_indexes", _add_lookup_indexes),
-    ("0004_attempt_worker", _add_columns(s.stage_attempts.c.worker)),
-    ("0005_stage_cache", _stage_cache),
-    ("0006_sweeps", lambda conn: s.metadata.create_all(conn, tables=[s.sweeps, s.sweep_trials])),
-    ("0007_lineage", _add_columns(s.runs.c.lineage)),
-]
-assert tuple(name for name, _ in MIGRATIONS) == MIGRATION_NAMES, "store/reader.py lists the same steps"
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = conn
+    if stamp is not None:
+        command.stamp(config, stamp)
+    command.upgrade(config, "head")
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -154,6 +138,8 @@ class Ledger(LedgerReader):
         self._engine.dispose()
 
     def _problem(self, exc: DBAPIError) -> str:
+        if self._engine.dialect.name != "sqlite":
+            return f"ledger {self.where}: {' '.join(str(exc.orig).split())}"
         return sqlite_problem(self.where, str(exc.orig))
 
     def _query(self, sql: str, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -167,11 +153,12 @@ class Ledger(LedgerReader):
         return self
 
     def _open(self) -> None:
-        # Read first: a file that is not ours, or is newer than us, is refused before anything is written.
+        # Read first: a database that is not ours, or is newer than us, is refused before anything is written.
         with self._engine.connect() as conn:
-            applied = self._check_schema(conn)
-        if not [name for name, _ in MIGRATIONS if name not in applied]:
-            return  # the common case: no write lock, and a read-only ledger can still be read
+            revision, legacy, _ = self._schema(conn)
+            if (revision, legacy) == (HEAD, False):
+                self._check_columns(conn)
+                return  # the common case: no write lock, no Alembic, and a read-only ledger can still be read
         if self._engine.dialect.name == "sqlite":
             raw = self._engine.raw_connection()
             try:
@@ -179,27 +166,37 @@ class Ledger(LedgerReader):
             finally:
                 raw.close()
         with self._writer.begin() as conn:
-            applied = self._check_schema(conn)  # another process may have migrated since the read
-            for name, apply in MIGRATIONS:
-                if name not in applied:
-                    apply(conn)
-                    conn.execute(insert(s.schema_migrations).values(name=name, applied_at=time.time()))
+            if self._engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+            revision, legacy, applied = self._schema(conn)  # another process may have migrated since the read
+            if (revision, legacy) != (HEAD, False):
+                migrate(conn, stamp=revision if legacy else None)
+            if ALEMBIC_MARKER not in applied:
+                conn.execute(insert(s.schema_migrations).values(name=ALEMBIC_MARKER, applied_at=time.time()))
+            self._check_columns(conn)  # raising here rolls the migration back: the ledger stays as it was
 
-    def _check_schema(self, conn: Connection) -> set[str]:
-        """The migrations applied so far; LedgerError if the database is not a ledger this code can read."""
+    def _schema(self, conn: Connection) -> tuple[str | None, bool, set[str]]:
+        """(revision, legacy, schema_migrations names), as reader.schema_revision; LedgerError if the
+        database is not a ledger this code can read."""
         tables = set(sa_inspect(conn).get_table_names())
-        applied = check_applied(self.where, tables, set(conn.scalars(select(s.schema_migrations.c.name)))
-                                if s.schema_migrations.name in tables else None)
-        if applied >= {name for name, _ in MIGRATIONS}:
-            inspector = sa_inspect(conn)
-            for table in s.metadata.sorted_tables:
-                have = {c["name"] for c in inspector.get_columns(table.name)} if table.name in tables else set()
-                missing = [c.name for c in table.columns if c.name not in have]
-                if missing:
-                    raise LedgerError(f"ledger {self.where} is damaged: table {table.name} lacks "
-                                      f"{', '.join(missing)} although every migration is recorded",
-                                      hint=LEDGER_HINT)
-        return applied
+        applied = (set(conn.scalars(select(s.schema_migrations.c.name)))
+                   if s.schema_migrations.name in tables else None)
+        version = (conn.scalar(text("SELECT max(version_num) FROM alembic_version"))
+                   if "alembic_version" in tables else None)
+        revision, legacy = schema_revision(self.where, tables, version, applied)
+        return revision, legacy, applied or set()
+
+    def _check_columns(self, conn: Connection) -> None:
+        """LedgerError if a table lacks a column although the ledger is at HEAD."""
+        inspector = sa_inspect(conn)
+        tables = set(inspector.get_table_names())
+        for table in s.metadata.sorted_tables:
+            have = {c["name"] for c in inspector.get_columns(table.name)} if table.name in tables else set()
+            missing = [c.name for c in table.columns if c.name not in have]
+            if missing:
+                raise LedgerError(f"ledger {self.where} is damaged: table {table.name} lacks "
+                                  f"{', '.join(missing)} although every migration is recorded",
+                                  hint=LEDGER_HINT)
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -381,7 +378,8 @@ class Ledger(LedgerReader):
         """Move a sweep to `state`; with `expect_state`, only from that state (a compare-and-set, as for
         runs: of two processes resuming one sweep, one raises StaleState)."""
         with self._write() as conn:
-            row = conn.execute(select(s.sweeps.c.state).where(s.sweeps.c.sweep_id == sweep_id)).first()
+            row = conn.execute(select(s.sweeps.c.state).where(s.sweeps.c.sweep_id == sweep_id)
+                               .with_for_update()).first()
             if row is None:
                 raise RunNotFound(f"no sweep with id '{sweep_id}'")
             if expect_state is not None and row.state != expect_state:
@@ -427,12 +425,20 @@ class Ledger(LedgerReader):
                             replace_run: str | None = None) -> dict[str, Any] | None:
         """Take the lease on training this fingerprint for `run_id`: None when it is ours (it was free,
         already ours, or held by `replace_run`, whose owner the caller found dead), else the holder's row."""
+        lease = select(s.stage_leases).where(s.stage_leases.c.fingerprint == fingerprint).with_for_update()
         with self._write() as conn:
-            row = conn.execute(select(s.stage_leases).where(s.stage_leases.c.fingerprint == fingerprint)).mappings().first()
+            row = conn.execute(lease).mappings().first()
             if row is None:
-                conn.execute(insert(s.stage_leases).values(fingerprint=fingerprint, stage=stage, run_id=run_id,
-                                                           claimed_at=time.time()))
-                return None
+                try:
+                    # FOR UPDATE cannot lock a row that does not exist yet: on PostgreSQL two runs may both
+                    # get here; the second insert waits for the first and fails on the key, and that run
+                    # then reads the winner's row like any other holder.
+                    with conn.begin_nested():
+                        conn.execute(insert(s.stage_leases).values(fingerprint=fingerprint, stage=stage,
+                                                                   run_id=run_id, claimed_at=time.time()))
+                    return None
+                except IntegrityError:
+                    row = conn.execute(lease).mappings().one()
             if row["run_id"] == run_id:
                 return None
             if replace_run is not None and row["run_id"] == replace_run:
@@ -485,6 +491,10 @@ class Ledger(LedgerReader):
                      resumed_from: str | None = None, overrides: dict[str, Any] | None = None) -> tuple[int, int]:
         """Open the next attempt of a stage; returns (attempt row id, attempt number from 1)."""
         with self._write() as conn:
+            # The stage row's lock orders two openers on PostgreSQL; without it both would read the same
+            # max and one would fail on (run_id, stage, attempt).
+            conn.execute(select(s.stages.c.state).where(s.stages.c.run_id == run_id, s.stages.c.name == stage)
+                         .with_for_update())
             last = conn.scalar(select(func.max(s.stage_attempts.c.attempt)).where(
                 s.stage_attempts.c.run_id == run_id, s.stage_attempts.c.stage == stage)) or 0
             result = conn.execute(insert(s.stage_attempts).values(

@@ -27,9 +27,15 @@ if TYPE_CHECKING:
 HOST = socket.gethostname()
 LEDGER_HINT = "pass --db sqlite:///PATH (or set TRAINPIPE_DB) to use another ledger"
 
-# The schema steps this version knows, in order; store/ledger.py pairs each with its migration.
+# The Alembic revisions this version knows, oldest first (store/migrations/versions/; a test checks HEAD
+# against Alembic's script directory). trainpipe 0.1.0, before Alembic, recorded the same names as rows
+# of schema_migrations. Reading these here, not through Alembic, keeps `status` from importing it.
 MIGRATION_NAMES = ("0001_initial", "0002_error_kinds", "0003_lookup_indexes", "0004_attempt_worker",
                    "0005_stage_cache", "0006_sweeps", "0007_lineage")
+HEAD = MIGRATION_NAMES[-1]
+# The row schema_migrations gets once Alembic owns the schema: trainpipe 0.1.0 reads only that table,
+# and so refuses such a ledger as "created by a newer trainpipe" rather than writing to it.
+ALEMBIC_MARKER = "alembic"
 
 # SQLite stores JSON as text and booleans as 0/1; rows are decoded by column name. A test checks these
 # against the JSON and Boolean columns of store/schema.py.
@@ -80,21 +86,36 @@ def sqlite_problem(where: str, text: str) -> str:
     return f"ledger {where}: {text}"
 
 
-def check_applied(where: str, tables: set[str], applied: set[str] | None) -> set[str]:
-    """The migrations applied so far; LedgerError if the database is not a ledger this code reads.
-    `applied` is None when there is no schema_migrations table."""
+def schema_revision(where: str, tables: set[str], version: str | None,
+                    applied: set[str] | None) -> tuple[str | None, bool]:
+    """Where a ledger's schema stands: (revision, legacy). `version` is alembic_version's row (None
+    without one), `applied` the names in schema_migrations (None without that table, which every
+    ledger has). `revision` is None for an empty database; `legacy` means a ledger the pre-Alembic
+    runner migrated, to be stamped at `revision` before upgrading. LedgerError when the database is
+    not a trainpipe ledger or a newer trainpipe made it. A migration is due unless (HEAD, False)."""
     if applied is None:
         if tables:
             shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
             raise LedgerError(f"ledger {where} is a database but not a trainpipe ledger "
                               f"(tables: {shown}; no schema_migrations)", hint=LEDGER_HINT)
-        return set()
-    unknown = applied - set(MIGRATION_NAMES)
+        return None, False
+    unknown = applied - set(MIGRATION_NAMES) - {ALEMBIC_MARKER}
+    if version is not None and version not in MIGRATION_NAMES:
+        unknown.add(version)
     if unknown:
         raise LedgerError(f"ledger {where} was created by a newer trainpipe (schema steps "
                           f"{', '.join(sorted(unknown))} are unknown to this version); upgrade trainpipe",
                           hint="pip install -U trainpipe; or " + LEDGER_HINT)
-    return applied
+    if version is not None:
+        return version, False
+    # The old runner matched names as a set; stamp at the last step before the first one missing, and
+    # the upgrade re-runs the later ones, which check before they add.
+    done = None
+    for name in MIGRATION_NAMES:
+        if name not in applied:
+            break
+        done = name
+    return done, True
 
 
 def _connect(file: Path) -> sqlite3.Connection:
@@ -104,7 +125,7 @@ def _connect(file: Path) -> sqlite3.Connection:
 
 def open_for_reading(url: str | None = None) -> LedgerReader | Ledger:
     """A reader for `status` and `inspect`: the stdlib-sqlite3 one when `url` is a SQLite file that
-    is already fully migrated, else the full Ledger (which creates, migrates and validates)."""
+    is already at HEAD, else the full Ledger (which creates, migrates with Alembic, and validates)."""
     url = url or default_db_url()
     file = sqlite_file(url)
     if file is not None and file.is_file():
@@ -114,11 +135,13 @@ def open_for_reading(url: str | None = None) -> LedgerReader | Ledger:
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 applied = ({r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
                            if "schema_migrations" in tables else None)
+                version = (conn.execute("SELECT max(version_num) FROM alembic_version").fetchone()[0]
+                           if "alembic_version" in tables else None)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
             raise LedgerError(sqlite_problem(str(file), str(exc)), hint=LEDGER_HINT) from None
-        if check_applied(str(file), tables, applied) >= set(MIGRATION_NAMES):
+        if schema_revision(str(file), tables, version, applied) == (HEAD, False):
             return LedgerReader(url, file)
     from trainpipe.store.ledger import Ledger
 

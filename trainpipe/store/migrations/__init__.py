@@ -1,0 +1,1 @@
+"""Alembic migrations of the ledger, driven by `Ledger._open` (store/ledger.py); no alembic.ini."""
