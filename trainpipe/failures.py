@@ -19,7 +19,7 @@ from trainpipe.errors import TrainpipeError
 USER, TRANSIENT, BUG = "user", "transient", "bug"
 
 # How a stage process ended when there is no exception to look at (see engine/supervisor.py).
-CAUSE_KIND = {"oom": TRANSIENT, "killed": TRANSIENT, "timed_out": TRANSIENT, "io": TRANSIENT,
+CAUSE_KIND = {"oom": TRANSIENT, "killed": TRANSIENT, "peer_lost": TRANSIENT, "timed_out": TRANSIENT, "io": TRANSIENT,
               "user": USER, "bug": BUG, "no_result": BUG,
               "error": BUG}  # "error": result files written before kinds existed
 
