@@ -159,6 +159,33 @@ def test_orchestrator_sigkill_mid_ddp_training_resumes_identical(tmp_path, db_ur
 
 
 @pytest.mark.slow
+def test_sigterm_reaches_every_rank_which_checkpoint_and_stop_then_resume_identical(tmp_path, db_url, ddp_reference):
+    """SIGTERM to `trainpipe run`: torchrun forwards it to both ranks, which agree on the step to stop
+    at, save a checkpoint there and exit; the run is interrupted, and resumes from that checkpoint."""
+    # Rank 0 holds step 5 for a few seconds, so that the signal lands while both ranks are mid-stage;
+    # the sleep is not cut short by the signal, and then both ranks stop at step 5 together.
+    fault = {"stage": "sft", "step": 5, "action": "pause", "seconds": 8, "once_file": str(tmp_path / "fired")}
+    proc = start_run(QUICKSTART, ddp_overrides(tmp_path / "out"), fault)
+    wait_for(lambda: (tmp_path / "fired").exists(), what="SFT to reach step 5")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
+    run_id = only_run_id(db_url)
+    ledger = Ledger(db_url)
+    assert ledger.get_run(run_id)["state"] == "interrupted"
+    [attempt] = ledger.attempts(run_id, "sft")
+    assert (attempt["outcome"], attempt["worker"]) == ("interrupted", "torchrun")
+    newest = max(ledger.checkpoints(run_id, "sft"), key=lambda c: c["step"])
+    assert newest["step"] == 5 and checkpoints.verify(newest["path"]) is None  # both ranks' RNG state in it
+
+    resumed = cli("resume", run_id)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    attempts = ledger.attempts(run_id, "sft")
+    assert [a["outcome"] for a in attempts] == ["interrupted", "passed"]
+    assert attempts[1]["resumed_from"].endswith("checkpoint-5")
+    assert_same_adapter(ddp_reference[2], adapter(ledger.get_run(run_id)["run_dir"]))
+
+
+@pytest.mark.slow
 def test_dead_rank_fails_the_attempt_and_the_retry_resumes_identical(tmp_path, db_url, ddp_reference):
     """Rank 1 is SIGKILLed at step 3. torchrun stops rank 0 and exits non-zero; the attempt fails as
     transient, and the retry (retry_count 1) resumes both ranks from checkpoint-2."""
@@ -172,7 +199,7 @@ def test_dead_rank_fails_the_attempt_and_the_retry_resumes_identical(tmp_path, d
     assert [(a["outcome"], a["worker"]) for a in attempts] == [("failed", "torchrun"), ("passed", "torchrun")]
     first = attempts[0]
     assert first["exit_code"] not in (0, None) and first["error_kind"] == "transient"
-    assert "rank" in first["error"] and "died" in first["error"], first["error"]
+    assert "rank 1, exit code -9, SIGKILL" in first["error"], first["error"]  # torchrun's root cause
     assert attempts[1]["resumed_from"].endswith("checkpoint-2")
     assert_same_adapter(ddp_reference[2], adapter(Ledger(db_url).get_run(run_id)["run_dir"]))
 

@@ -431,7 +431,27 @@ def _torchrun_result(rank0: dict[str, Any], result_path: Path, code: int | None,
     # No rank says why: one was killed (a signal, the OOM killer), and the others lost it as a peer.
     # A transient failure, like a killed single-process stage: retried from the newest checkpoint.
     return {"ok": False, "kind": "killed", "error_kind": kind_of("killed"),
-            "error": f"a rank of the torchrun stage died; torchrun exited with {code} (see {log_path})"}
+            "error": f"a rank of the torchrun stage died{_root_cause(log_path)}; torchrun exited with {code} "
+                     f"(see {log_path})"}
+
+
+def _root_cause(log_path: Path) -> str:
+    """torchrun's own summary of the first rank that failed, from the end of the stage log:
+    ' (rank 1, exit code -9, SIGKILL)', or '' if it printed none."""
+    import re
+
+    try:
+        with log_path.open("rb") as handle:
+            handle.seek(max(0, log_path.stat().st_size - 16384))
+            tail = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    found = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG\w+)\))?\s*$",
+                      tail, re.DOTALL | re.MULTILINE)
+    if not found:
+        return ""
+    rank, exit_code, sig = found.groups()
+    return f" (rank {rank}, exit code {exit_code}{', ' + sig if sig else ''})"
 
 
 def _signal_group(pid: int, sig: int) -> None:
