@@ -218,6 +218,26 @@ def test_dead_rank_without_retries_fails_the_run(tmp_path, db_url):
     assert attempt["outcome"] == "failed" and attempt["worker"] == "torchrun" and attempt["exit_code"] != 0
 
 
+@pytest.mark.slow
+def test_timeout_stops_torchrun_and_every_rank(tmp_path, db_url, monkeypatch):
+    """A rank that cannot stop in time (paused for 300 s) is still gone after the stage timeout:
+    SIGTERM to torchrun's group, then SIGKILL after the grace period, and the ranks die with torchrun."""
+    monkeypatch.setenv("TRAINPIPE_TERM_GRACE_S", "2")
+    fault = {"stage": "sft", "step": 2, "action": "pause", "seconds": 300}
+    env = {**os.environ, "TRAINPIPE_FAULT": json.dumps(fault)}
+    args = [a for s in ddp_overrides(tmp_path / "out") + ["stages.sft.retry_count=0", "stages.sft.timeout_minutes=0.75"]
+            for a in ("--set", s)]
+    proc = cli("run", str(QUICKSTART), *args, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    run_id = only_run_id(db_url)
+    ledger = Ledger(db_url)
+    [attempt] = ledger.attempts(run_id, "sft")
+    assert (attempt["outcome"], attempt["worker"]) == ("timed_out", "torchrun") and "timed out after 45 s" in attempt["error"]
+    assert not _alive(attempt["pid"])
+    wait_for(lambda: not _stage_processes(Path(ledger.get_run(run_id)["run_dir"]) / ".work" / "sft"), timeout=10,
+             what="every rank to be gone")
+
+
 def _alive(pid: int | None) -> bool:
     if pid is None:
         return False
