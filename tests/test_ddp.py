@@ -232,7 +232,8 @@ def test_timeout_stops_torchrun_and_every_rank(tmp_path, db_url, monkeypatch):
     run_id = only_run_id(db_url)
     ledger = Ledger(db_url)
     [attempt] = ledger.attempts(run_id, "sft")
-    assert (attempt["outcome"], attempt["worker"]) == ("timed_out", "torchrun") and "timed out after 45 s" in attempt["error"]
+    assert (attempt["outcome"], attempt["worker"]) == ("timed_out", "torchrun")
+    assert "timed out after 45 s" in attempt["error"]
     assert not _alive(attempt["pid"])
     wait_for(lambda: not _stage_processes(Path(ledger.get_run(run_id)["run_dir"]) / ".work" / "sft"), timeout=10,
              what="every rank to be gone")

@@ -401,7 +401,7 @@ def run_child(spec_path: Path, *, events_path: Path, result_path: Path, log_path
     result: dict[str, Any] = {}
     if result_path.is_file():
         result = json.loads(result_path.read_text(encoding="utf-8"))
-    if launcher and not result.get("ok"):
+    if launcher and not result.get("ok") and code != 0:
         result = _torchrun_result(result, result_path, code, log_path)
     if result.get("ok"):
         return ChildOutcome(True, "ok", code, result=result)

@@ -64,7 +64,8 @@ def trainer_kwargs(ctx: StageContext, settings: Any) -> dict[str, Any]:
         gradient_checkpointing=cuda,
     )
     if distributed.world_size() > 1:
-        # accelerate would pick gloo on CPU too; saying so keeps a CPU rank from trying nccl or ccl.
+        # Left unset on CPU, accelerate 1.15 picks MPI whenever torch was built with it, and MPI needs
+        # mpirun, not torchrun; gloo works with torchrun's env:// rendezvous on any CPU build.
         kwargs["ddp_backend"] = "nccl" if cuda else "gloo"
         # Every LoRA parameter takes part in each forward pass; the unused-parameter search only
         # costs a traversal per step (and conflicts with gradient checkpointing on a GPU).

@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
         return 0
     except Preempted as exc:
         if not main_rank:
-            return EXIT_PREEMPTED
+            return 0  # rank 0 reports the stop; a non-zero exit here would only make torchrun tear down
         write_json_atomic(result_path, {"ok": False, "kind": "preempted", "error": str(exc)})
         return EXIT_PREEMPTED
     except BaseException as exc:  # noqa: BLE001 - classified here, decided on by the orchestrator
