@@ -131,6 +131,9 @@ def test_two_rank_sft_trains_under_torchrun(ddp_reference):
     work = Path(result.run_dir) / ".work" / "sft"
     assert not list(work.glob("result-*.rank*.json"))  # no rank failed
     assert weights
+    # The run's snapshot keeps the launcher: what a resume compares its world size against.
+    assert ledger.get_run(result.run_id)["config_snapshot"]["sft"]["launcher"] == {
+        "type": "torchrun", "nproc_per_node": 2, "nnodes": 1, "rdzv_endpoint": None}
 
 
 @pytest.mark.slow

@@ -124,7 +124,8 @@ def inject_fault(fault: dict[str, Any]) -> None:
 
     {"stage": "sft", "step": 6, "action": "oom|sigkill|crash|pause", "seconds": 30, "once_file": PATH}
     With once_file, the fault fires only while that file does not exist (it is created on firing),
-    so the retry or resume that follows runs clean.
+    so the retry or resume that follows runs clean. Under torchrun a step fault fires on one rank:
+    "rank" (default 0).
     """
     from trainpipe.faults import fire_once
 
