@@ -78,6 +78,17 @@ def test_launcher_settings_dump_and_validation(tmp_path, db_url):
     assert Ledger(db_url).count_runs() == 0
 
 
+def test_example_config_is_the_quickstart_on_two_ranks():
+    ddp = load_config(QUICKSTART.parent / "quickstart_ddp.yaml")
+    plain = load_config(QUICKSTART)
+    assert ddp.sft.launcher.model_dump()["nproc_per_node"] == 2 and ddp.dpo.launcher is None
+    # Same global batch per optimizer step as the single-process quickstart.
+    assert ddp.sft.batch_size * ddp.sft.gradient_accumulation * 2 == \
+        plain.sft.batch_size * plain.sft.gradient_accumulation
+    same = {"launcher", "batch_size"}
+    assert ddp.sft.model_dump(exclude=same) == plain.sft.model_dump(exclude=same)
+
+
 def test_launcher_changes_the_fingerprint():
     plain = load_config(QUICKSTART)
     two = load_config(QUICKSTART, overrides=LAUNCHER)
