@@ -233,6 +233,20 @@ def test_dead_rank_without_retries_fails_the_run(tmp_path, db_url):
 
 
 @pytest.mark.slow
+def test_error_in_another_rank_is_the_attempts_error(tmp_path, db_url):
+    """Rank 1 raises: its error (not rank 0's lost-peer error) is the attempt's, and as a bug it is
+    not retried although retry_count is 1."""
+    fault = {"stage": "sft", "step": 1, "rank": 1, "action": "crash"}
+    env = {**os.environ, "TRAINPIPE_FAULT": json.dumps(fault)}
+    proc = cli("run", str(QUICKSTART), *[a for s in ddp_overrides(tmp_path / "out") for a in ("--set", s)], env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    run_id = only_run_id(db_url)
+    [attempt] = Ledger(db_url).attempts(run_id, "sft")
+    assert attempt["outcome"] == "failed" and attempt["error_kind"] == "bug"
+    assert attempt["error"].startswith("rank 1: RuntimeError: injected crash"), attempt["error"]
+
+
+@pytest.mark.slow
 def test_timeout_stops_torchrun_and_every_rank(tmp_path, db_url, monkeypatch):
     """A rank that cannot stop in time (paused for 300 s) is still gone after the stage timeout:
     SIGTERM to torchrun's group, then SIGKILL after the grace period, and the ranks die with torchrun."""
