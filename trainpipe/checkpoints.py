@@ -26,9 +26,19 @@ def hash_tree(root: Path) -> list[tuple[str, int, str]]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST]
 
 
-def write_manifest(checkpoint_dir: Path, step: int) -> str:
+def rng_files(world_size: int) -> list[str]:
+    """The RNG state files the HF Trainer writes per checkpoint: one per rank under DDP. A missing
+    one is not an error to the Trainer (it logs and goes on with a fresh RNG), so resume would no
+    longer be bit-identical without anyone noticing; `verify` refuses such a checkpoint instead."""
+    return [f"rng_state_{r}.pth" for r in range(world_size)] if world_size > 1 else ["rng_state.pth"]
+
+
+def write_manifest(checkpoint_dir: Path, step: int, world_size: int = 1) -> str:
     files = {rel: {"size": size, "sha256": digest} for rel, size, digest in hash_tree(checkpoint_dir)}
-    body = json.dumps({"step": step, "files": files}, sort_keys=True, indent=1)
+    manifest = {"step": step, "files": files}
+    if world_size > 1:  # single-process manifests keep their old shape, and their old hashes
+        manifest["world_size"] = world_size
+    body = json.dumps(manifest, sort_keys=True, indent=1)
     tmp = checkpoint_dir / f".{MANIFEST}.tmp"
     with tmp.open("w", encoding="utf-8") as handle:
         handle.write(body)
@@ -58,6 +68,11 @@ def verify(checkpoint_dir: str | Path) -> str | None:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return "manifest is unreadable"
+    world_size = manifest.get("world_size", 1)
+    if world_size > 1:
+        missing = [name for name in rng_files(world_size) if name not in manifest.get("files", {})]
+        if missing:
+            return f"{', '.join(missing)} not saved (a rank's RNG state is missing)"
     for rel, meta in manifest.get("files", {}).items():
         path = root / rel
         if not path.is_file():

@@ -31,6 +31,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LauncherSettings(_Strict):
+    """`launcher:` on a training stage: run it under torch.distributed (DDP) through torchrun.
+    World size is nproc_per_node * nnodes; it changes the result (the global batch is
+    batch_size * gradient_accumulation * world size), so it is part of the stage's fingerprint."""
+
+    type: Literal["torchrun"] = Field(description="The launcher; torchrun (torch.distributed.run) is the one.")
+    nproc_per_node: int = Field(ge=1, description="Processes (ranks) on this node: one per GPU, or per CPU "
+                                "socket's worth of cores on CPU (gloo).")
+    nnodes: int = Field(1, ge=1, description="Nodes taking part; each runs `trainpipe` with the same config.")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous; required when "
+                                      "nnodes > 1. Without it a single node rendezvouses on localhost "
+                                      "(torchrun --standalone).")
+
+    @model_validator(mode="after")
+    def _endpoint_for_many_nodes(self) -> LauncherSettings:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"rdzv_endpoint (host:port) is required when nnodes > 1 (nnodes is {self.nnodes})")
+        if self.rdzv_endpoint is not None and not re.match(r"^\S+:\d{1,5}$", self.rdzv_endpoint):
+            raise ValueError(f"rdzv_endpoint must be host:port, got {self.rdzv_endpoint!r}")
+        return self
+
+
 class StageSettings(_Strict):
     """Keys the lesson's stage files carry, plus a few trainpipe extensions."""
 
@@ -57,6 +79,8 @@ class StageSettings(_Strict):
         default_factory=lambda: ["none"],
         description="Experiment trackers the trainer logs to (transformers' report_to). TensorBoard "
                     "event files go to <run dir>/tensorboard/<stage>.")
+    launcher: LauncherSettings | None = Field(
+        None, description="Run this stage under torchrun (DDP); unset: one process, as by default.")
 
     @field_validator("report_to", mode="before")
     @classmethod

@@ -20,6 +20,8 @@ USER, TRANSIENT, BUG = "user", "transient", "bug"
 
 # How a stage process ended when there is no exception to look at (see engine/supervisor.py).
 CAUSE_KIND = {"oom": TRANSIENT, "killed": TRANSIENT, "timed_out": TRANSIENT, "io": TRANSIENT,
+              # a DDP rank whose peer rank died: the cause is the peer's (engine/supervisor.py)
+              "peer_lost": TRANSIENT,
               "user": USER, "bug": BUG, "no_result": BUG,
               "error": BUG}  # "error": result files written before kinds existed
 
@@ -45,6 +47,8 @@ _ERRNOS = [
 # Messages libraries raise as plain OSError/ValueError/RuntimeError.
 _MESSAGES = [
     ("oom", r"out of memory"),
+    # gloo/NCCL when another rank of a torchrun stage is gone: ours is a symptom, not the cause
+    ("peer_lost", r"gloo/transport/|remote worker|nccl communicator was aborted|connection closed by peer"),
     # transformers, model not in the cache and not downloadable; a retry will not make it appear
     ("user", r"we couldn't connect to|is not a local folder and is not a valid model"
              r"|does not appear to have (a file|files) named|can't load (the )?(tokenizer|config)"

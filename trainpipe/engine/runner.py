@@ -582,7 +582,8 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
                             timeout_s=entry.timeout_minutes * 60 if entry.timeout_minutes else None,
                             on_event=on_event, on_tick=lambda: ledger.heartbeat(run_id),
                             on_start=lambda pid, worker, _a=attempt_id: ledger.set_attempt_process(_a, pid, worker),
-                            stop_requested=lambda: stop.requested, workers=workers)
+                            stop_requested=lambda: stop.requested, workers=workers,
+                            launcher=_launcher(config, name))
         if workers.fallback_reason != fallback_before:
             observer.note(f"{name}: stage processes start as fresh interpreters: {workers.fallback_reason}")
         if outcome.ok:
@@ -611,6 +612,11 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
         observer.note(f"{name}: attempt {attempt_no} {outcome.kind} ({outcome.error}); retrying in {delay:g} s")
         time.sleep(delay)
     return StageEnd("failed", "no attempts left", None, failures.TRANSIENT)
+
+
+def _launcher(config: PipelineConfig, name: str) -> dict[str, Any] | None:
+    launcher = getattr(getattr(config, name), "launcher", None)  # merge has none: it stays one process
+    return launcher.model_dump() if launcher is not None else None
 
 
 def _record_output(ledger: Ledger, run_id: str, name: str, attempt_id: int, result: dict[str, Any]) -> None:

@@ -3,8 +3,9 @@
 A stage attempt's process is forked from the run's pre-imported stage worker (stages/zygote.py) when
 it can be, so it does not pay the torch/transformers/trl imports again; otherwise it is a fresh
 interpreter, `python -m trainpipe.stages.worker SPEC`, as before. `StageWorkers` decides which, and
-the ledger records it per attempt (`stage_attempts.worker`: fork or spawn). This module only
-starts and signals processes: it never imports torch.
+the ledger records it per attempt (`stage_attempts.worker`: fork or spawn). A stage with a
+`launcher` runs under torchrun instead (`torchrun`): torch.distributed's own launcher starts one
+worker per rank. This module only starts and signals processes: it never imports torch.
 """
 
 from __future__ import annotations
@@ -114,6 +115,44 @@ class _Spawned(StageProcess):
             # and a Ctrl-C in the terminal reaches only the orchestrator, which then asks it to stop.
             self._proc = subprocess.Popen([sys.executable, "-m", "trainpipe.stages.worker", str(spec_path)],
                                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True, preexec_fn=_die_with_parent, env=env)
+        self.pid = self._proc.pid
+
+    def poll(self) -> int | None:
+        return self._proc.poll()
+
+    def signal_group(self, sig: int) -> None:
+        _signal_group(self._proc.pid, sig)
+
+
+def torchrun_command(launcher: dict[str, Any], spec_path: Path) -> list[str]:
+    """torch.distributed.run (what the `torchrun` script runs) with the stage worker as its module."""
+    nnodes = int(launcher.get("nnodes") or 1)
+    command = [sys.executable, "-m", "torch.distributed.run",
+               "--nproc_per_node", str(int(launcher["nproc_per_node"])), "--nnodes", str(nnodes),
+               # A rank that dies fails the attempt; the orchestrator's retry resumes from the newest
+               # verified checkpoint, where torchrun's own restart would start training over.
+               "--max_restarts", "0"]
+    if launcher.get("rdzv_endpoint"):
+        command += ["--rdzv_backend", "c10d", "--rdzv_endpoint", str(launcher["rdzv_endpoint"])]
+    else:
+        # Single node: rendezvous on a free localhost port, so concurrent runs never collide.
+        command += ["--standalone"]
+    return command + ["-m", "trainpipe.stages.worker", str(spec_path)]
+
+
+class _Torchrun(StageProcess):
+    """torchrun and its ranks. torchrun is the process group leader here; it starts each rank in a
+    session of its own and forwards SIGTERM/SIGINT to them (then SIGKILL after its 30 s), and each
+    rank dies with torchrun (stages/distributed.py: die_with_launcher). So signalling this group
+    reaches every rank, and its exit code is non-zero if any rank failed."""
+
+    worker = "torchrun"
+
+    def __init__(self, launcher: dict[str, Any], spec_path: Path, log_path: Path, env: dict[str, str]):
+        with log_path.open("ab") as log:
+            self._proc = subprocess.Popen(torchrun_command(launcher, spec_path), stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True, preexec_fn=_die_with_parent, env=env)
         self.pid = self._proc.pid
 
@@ -312,13 +351,20 @@ def run_child(spec_path: Path, *, events_path: Path, result_path: Path, log_path
               timeout_s: float | None, on_event: Callable[[dict[str, Any]], None],
               on_tick: Callable[[], None], on_start: Callable[[int, str], None] | None = None,
               stop_requested: Callable[[], bool] = lambda: False,
-              workers: StageWorkers | None = None) -> ChildOutcome:
-    """Start the stage attempt, pump its events, enforce the timeout; return how it ended."""
+              workers: StageWorkers | None = None, launcher: dict[str, Any] | None = None) -> ChildOutcome:
+    """Start the stage attempt, pump its events, enforce the timeout; return how it ended. With a
+    `launcher` (a stage's LauncherSettings as a dict) the attempt runs under torchrun; never forked
+    from the pre-imported worker, whose one process cannot be a rank of several."""
     result_path.unlink(missing_ok=True)
+    for stale in result_path.parent.glob(f"{result_path.stem}.rank*.json"):
+        stale.unlink(missing_ok=True)
     tail = _EventTail(events_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
-    proc = (workers or StageWorkers(log_path, mode="spawn")).start(spec_path, log_path, env)
+    if launcher:
+        proc: StageProcess = _Torchrun(launcher, spec_path, log_path, env)
+    else:
+        proc = (workers or StageWorkers(log_path, mode="spawn")).start(spec_path, log_path, env)
     reported_pid = False
     last_beat = 0.0
     timed_out = interrupted = False
@@ -355,6 +401,8 @@ def run_child(spec_path: Path, *, events_path: Path, result_path: Path, log_path
     result: dict[str, Any] = {}
     if result_path.is_file():
         result = json.loads(result_path.read_text(encoding="utf-8"))
+    if launcher and not result.get("ok") and code != 0:
+        result = _torchrun_result(result, result_path, code, log_path)
     if result.get("ok"):
         return ChildOutcome(True, "ok", code, result=result)
     if interrupted or result.get("kind") == "preempted":
@@ -364,6 +412,46 @@ def run_child(spec_path: Path, *, events_path: Path, result_path: Path, log_path
     if code is not None and code < 0:
         return ChildOutcome(False, "killed", code, f"stage process killed by {signal.Signals(-code).name}")
     return ChildOutcome(False, "no_result", code, f"stage process exited with {code} and no result; see {log_path}")
+
+
+def _torchrun_result(rank0: dict[str, Any], result_path: Path, code: int | None,
+                     log_path: Path) -> dict[str, Any]:
+    """What a failed torchrun attempt ended with. The rank that failed first holds the cause; the
+    others then fail in a collective (their peer is gone) or are stopped by torchrun. A rank other
+    than 0 that raised wrote result-N.rankR.json; one that was killed wrote nothing."""
+    if rank0.get("kind") == "preempted":
+        return rank0
+    for path in sorted(result_path.parent.glob(f"{result_path.stem}.rank*.json")):
+        other = json.loads(path.read_text(encoding="utf-8"))
+        if other.get("kind") and other.get("kind") != "peer_lost":
+            rank = path.name.rsplit(".rank", 1)[1].split(".")[0]
+            return {**other, "error": f"rank {rank}: {other.get('error')}"}
+    if rank0 and rank0.get("kind") != "peer_lost":
+        return rank0
+    # No rank says why: one was killed (a signal, the OOM killer), and the others lost it as a peer.
+    # A transient failure, like a killed single-process stage: retried from the newest checkpoint.
+    return {"ok": False, "kind": "killed", "error_kind": kind_of("killed"),
+            "error": f"a rank of the torchrun stage died{_root_cause(log_path)}; torchrun exited with {code} "
+                     f"(see {log_path})"}
+
+
+def _root_cause(log_path: Path) -> str:
+    """torchrun's own summary of the first rank that failed, from the end of the stage log:
+    ' (rank 1, exit code -9, SIGKILL)', or '' if it printed none."""
+    import re
+
+    try:
+        with log_path.open("rb") as handle:
+            handle.seek(max(0, log_path.stat().st_size - 16384))
+            tail = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    found = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG\w+)\))?\s*$",
+                      tail, re.DOTALL | re.MULTILINE)
+    if not found:
+        return ""
+    rank, exit_code, sig = found.groups()
+    return f" (rank {rank}, exit code {exit_code}{', ' + sig if sig else ''})"
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -27,10 +27,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
 class EventWriter:
     """Appends one JSON object per line; the orchestrator tails the file for progress and checkpoints."""
 
-    def __init__(self, path: Path):
-        self._handle = path.open("a", encoding="utf-8", buffering=1)
+    def __init__(self, path: Path | None):
+        # None: a DDP rank other than 0, whose events would only repeat rank 0's.
+        self._handle = path.open("a", encoding="utf-8", buffering=1) if path is not None else None
 
     def emit(self, kind: str, **data: Any) -> None:
+        if self._handle is None:
+            return
         self._handle.write(json.dumps({"type": kind, "time": time.time(), **data}, default=str) + "\n")
         self._handle.flush()
 

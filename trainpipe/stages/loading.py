@@ -94,7 +94,7 @@ def load_causal_lm(path: str, config: PipelineConfig, *, load_in_4bit: bool = Fa
     else:
         kwargs["dtype"] = dtype or compute_dtype()
     if torch.cuda.is_available():
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # a torchrun rank's own GPU
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from trainpipe.stages import distributed
 from trainpipe.stages.base import StageContext, StageResult
 from trainpipe.stages.data import sft_rows, to_hf_dataset
 from trainpipe.stages.loading import load_for_lora_training, resolve_model, select_backend
@@ -39,7 +40,7 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer.save_pretrained(staging)
     history = list(trainer.state.log_history)
     losses = log_losses(history)
-    effective_batch = settings.batch_size * settings.gradient_accumulation
+    effective_batch = settings.batch_size * settings.gradient_accumulation * distributed.world_size()
     metrics = {
         "final_loss": losses[-1] if losses else float(outcome.training_loss),
         "train_loss": float(outcome.training_loss),

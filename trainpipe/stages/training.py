@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from trainpipe.checkpoints import write_manifest
+from trainpipe.stages import distributed
 from trainpipe.stages.base import StageContext
 
 # Set by SIGTERM/SIGINT in the stage process: save at the next step boundary and stop (preemption).
@@ -62,6 +63,13 @@ def trainer_kwargs(ctx: StageContext, settings: Any) -> dict[str, Any]:
         # On a GPU it trades compute for memory; on CPU it only costs time.
         gradient_checkpointing=cuda,
     )
+    if distributed.world_size() > 1:
+        # Left unset on CPU, accelerate 1.15 picks MPI whenever torch was built with it, and MPI needs
+        # mpirun, not torchrun; gloo works with torchrun's env:// rendezvous on any CPU build.
+        kwargs["ddp_backend"] = "nccl" if cuda else "gloo"
+        # Every LoRA parameter takes part in each forward pass; the unused-parameter search only
+        # costs a traversal per step (and conflicts with gradient checkpointing on a GPU).
+        kwargs["ddp_find_unused_parameters"] = False
     return kwargs
 
 
@@ -86,9 +94,10 @@ def callbacks(ctx: StageContext) -> list[Any]:
 
         def on_step_end(self, args, state, control, **kw):
             events.emit("progress", step=state.global_step, total=state.max_steps)
-            if fault.get("step") == state.global_step:
+            if fault.get("step") == state.global_step and fault.get("rank", 0) == distributed.rank():
                 inject_fault(fault)
-            if stop_requested():
+            if distributed.any_rank(stop_requested()):
+                _STOP_REQUESTED["flag"] = True
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -97,9 +106,14 @@ def callbacks(ctx: StageContext) -> list[Any]:
                 events.emit("log", step=state.global_step, total=state.max_steps, logs=logs)
 
         def on_save(self, args, state, control, **kw):
+            # Each rank writes its own rng_state_<rank>.pth and nothing waits for the others before
+            # on_save (transformers 5.23, Trainer._save_checkpoint): the manifest must list them all.
+            distributed.barrier()
+            if not distributed.is_main():
+                return
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
-                digest = write_manifest(checkpoint, state.global_step)
+                digest = write_manifest(checkpoint, state.global_step, world_size=distributed.world_size())
                 events.emit("checkpoint", step=state.global_step, path=str(checkpoint), manifest_sha256=digest)
 
     return [PipelineCallback()]
@@ -110,7 +124,8 @@ def inject_fault(fault: dict[str, Any]) -> None:
 
     {"stage": "sft", "step": 6, "action": "oom|sigkill|crash|pause", "seconds": 30, "once_file": PATH}
     With once_file, the fault fires only while that file does not exist (it is created on firing),
-    so the retry or resume that follows runs clean.
+    so the retry or resume that follows runs clean. Under torchrun a step fault fires on one rank:
+    "rank" (default 0).
     """
     from trainpipe.faults import fire_once
 
@@ -167,9 +182,16 @@ def patch_trl_for_cpu() -> None:
 def train(trainer: Any, ctx: StageContext) -> Any:
     """Run the trainer, resuming from the verified checkpoint the orchestrator chose, if any."""
     result = trainer.train(resume_from_checkpoint=ctx.spec.resume_from or None)
+    distributed.finish()
     if stop_requested():
         raise Preempted(f"{ctx.spec.stage} stopped at step {trainer.state.global_step} on request")
+    if not distributed.is_main():
+        raise OtherRankDone()
     return result
+
+
+class OtherRankDone(Exception):
+    """A rank other than 0 finished training: rank 0 writes the output and runs the gate alone."""
 
 
 class Preempted(Exception):

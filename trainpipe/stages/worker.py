@@ -3,6 +3,10 @@
 Running each stage in its own process means an OOM or a segfault cannot take the orchestrator
 down, and GPU memory is fully released between stages. The child reports through the events file
 as it goes and writes RESULT.json once at the end; no result file means the child died.
+
+Under torchrun (a stage's `launcher`) this module runs once per rank. Rank 0 alone writes events,
+the result, the output and runs the gate; the other ranks train, then exit 0 (or non-zero on an
+error, which makes torchrun fail the attempt).
 """
 
 from __future__ import annotations
@@ -31,28 +35,40 @@ def _fault_for(stage: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    from trainpipe.stages import distributed
+
+    distributed.die_with_launcher()
     spec = StageSpec.load(Path(argv[1]))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from trainpipe.config import config_from_snapshot
     from trainpipe.errors import TrainpipeError
     from trainpipe.failures import USER, classify, describe
-    from trainpipe.stages.training import Preempted, install_preemption_handler
+    from trainpipe.stages.training import OtherRankDone, Preempted, install_preemption_handler
 
     install_preemption_handler()
     spec.fault = spec.fault or _fault_for(spec.stage)
-    ctx = StageContext(spec=spec, config=config_from_snapshot(spec.config), events=EventWriter(Path(spec.events_path)))
+    main_rank = distributed.is_main()
+    events = EventWriter(Path(spec.events_path) if main_rank else None)
+    ctx = StageContext(spec=spec, config=config_from_snapshot(spec.config), events=events)
     # When the stage's own code starts: benchmarks/overhead.py measures process start-up up to here.
     ctx.events.emit("started", pid=os.getpid(), preloaded="trl" in sys.modules)
-    result_path = Path(spec.result_path)
+    result_path = Path(spec.result_path) if main_rank else _rank_result_path(spec)
     try:
         _fault_at(spec.fault, "start")
         memory_fraction = _limit_gpu_memory(ctx.config.gpu_memory_fraction)
         result = importlib.import_module(STAGES[spec.stage]).run(ctx)
         result.metrics["gpu_memory_fraction"] = memory_fraction
+        if distributed.world_size() > 1:
+            result.metrics["world_size"] = distributed.world_size()
+            result.metrics["ddp_backend"] = distributed.SEEN.get("backend")
         _tamper_output_if_asked(spec.fault, result.output_path)
         _fault_at(spec.fault, "gate")
         gate = _run_gate(ctx, result)
+    except OtherRankDone:
+        return 0
     except Preempted as exc:
+        if not main_rank:
+            return 0  # rank 0 reports the stop; a non-zero exit here would only make torchrun tear down
         write_json_atomic(result_path, {"ok": False, "kind": "preempted", "error": str(exc)})
         return EXIT_PREEMPTED
     except BaseException as exc:  # noqa: BLE001 - classified here, decided on by the orchestrator
@@ -69,6 +85,14 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _rank_result_path(spec: StageSpec) -> Path:
+    """Where a rank other than 0 writes its failure, if it has one: result-N.rankR.json. The
+    orchestrator reads it when rank 0 has nothing better to say (engine/supervisor.py)."""
+    from trainpipe.stages import distributed
+
+    return Path(spec.result_path).with_suffix(f".rank{distributed.rank()}.json")
+
+
 def _limit_gpu_memory(fraction: float) -> float | None:
     """Cap this process's share of GPU memory (the caching allocator raises OOM beyond it), so that
     other work on the GPU keeps its share; recorded with the stage's metrics. None on a machine
@@ -77,7 +101,11 @@ def _limit_gpu_memory(fraction: float) -> float | None:
 
     if not torch.cuda.is_available():
         return None
+    from trainpipe.stages import distributed
+
     # Initialises CUDA in this stage process only: the pre-imported worker that forked it never does.
+    if distributed.world_size() > 1:
+        torch.cuda.set_device(distributed.local_rank())
     torch.cuda.set_per_process_memory_fraction(fraction)
     return fraction
 

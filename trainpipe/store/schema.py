@@ -73,8 +73,8 @@ stage_attempts = Table(
     Column("started_at", Float, nullable=False),
     Column("finished_at", Float),
     Column("pid", Integer),
-    # How the attempt's process started: "fork" (from the pre-imported stage worker, stages/zygote.py)
-    # or "spawn" (a fresh interpreter); migration 0004.
+    # How the attempt's process started: "fork" (from the pre-imported stage worker, stages/zygote.py),
+    # "spawn" (a fresh interpreter) or "torchrun" (a stage with a launcher; pid is torchrun's); 0004.
     Column("worker", String(16)),
     Column("host", String(255)),
     Column("exit_code", Integer),

@@ -1,0 +1,297 @@
+"""Stages under torchrun (`launcher:`): 2 ranks on CPU with gloo, through torch.distributed's own
+launcher. An uninterrupted 2-process SFT is the reference; a run whose orchestrator is SIGKILLed
+mid-training and then resumed, and a run that loses a rank and retries, must both end on exactly
+its adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import QUICKSTART, resume_overrides
+from helpers import cli, load_weights, only_run_id, start_run, wait_for
+
+import trainpipe
+from trainpipe import checkpoints
+from trainpipe.config import load_config
+from trainpipe.engine.fingerprint import stage_fingerprint
+from trainpipe.engine.supervisor import torchrun_command
+from trainpipe.store.ledger import Ledger
+
+LAUNCHER = ["sft.launcher.type=torchrun", "sft.launcher.nproc_per_node=2"]
+
+
+def ddp_overrides(output_dir: Path) -> list[str]:
+    """SFT alone, 8 steps of 2 ranks x 8 rows, a checkpoint every 2 steps. Its gate is the final one,
+    so the generation checks run on rank 0 after training."""
+    return resume_overrides(output_dir) + ["sft.max_steps=8", "stages.merge.enabled=false",
+                                           "stages.dpo.enabled=false", *LAUNCHER]
+
+
+def adapter(run_dir: str | Path) -> dict:
+    return load_weights(Path(run_dir) / "sft" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: dict, b: dict) -> None:
+    import torch
+
+    assert set(a) == set(b)
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[0]}"
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory, model_cache):
+    """One uninterrupted 2-process SFT run: (run result, its ledger url, its adapter)."""
+    out = tmp_path_factory.mktemp("ddp-reference")
+    db = f"sqlite:///{out / 'ledger.db'}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRAINPIPE_DB", db)
+        env.setenv("TRAINPIPE_CACHE", str(model_cache))
+        env.setenv("TRAINPIPE_HOME", str(out / "home"))
+        env.delenv("TRAINPIPE_FAULT", raising=False)
+        result = trainpipe.run(QUICKSTART, overrides=ddp_overrides(out / "artifacts"))
+    assert result.state == "succeeded", result.errors
+    return result, db, adapter(result.run_dir)
+
+
+# ---------------------------------------------------------------- settings (no training)
+
+
+def test_launcher_settings_dump_and_validation(tmp_path, db_url):
+    config = load_config(QUICKSTART, overrides=LAUNCHER)
+    # Other code (the lineage record) reads the world size from exactly this dict.
+    assert config.sft.launcher.model_dump() == {"type": "torchrun", "nproc_per_node": 2, "nnodes": 1,
+                                                "rdzv_endpoint": None}
+    assert config.model_dump(mode="json")["sft"]["launcher"]["nproc_per_node"] == 2  # in the run's snapshot
+    assert config.dpo.launcher is None and load_config(QUICKSTART).sft.launcher is None
+
+    proc = cli("run", str(QUICKSTART), "--set", f"output_dir={tmp_path}", *[a for s in LAUNCHER for a in ("--set", s)],
+               "--set", "sft.launcher.nnodes=2")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "sft.launcher" in proc.stderr and "rdzv_endpoint" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("run", str(QUICKSTART), "--set", f"output_dir={tmp_path}", "--set", "merge.launcher.type=torchrun")
+    assert proc.returncode == 2 and "unknown key 'merge.launcher'" in proc.stderr, proc.stderr
+    assert Ledger(db_url).count_runs() == 0
+
+
+def test_example_config_is_the_quickstart_on_two_ranks():
+    ddp = load_config(QUICKSTART.parent / "quickstart_ddp.yaml")
+    plain = load_config(QUICKSTART)
+    assert ddp.sft.launcher.model_dump()["nproc_per_node"] == 2 and ddp.dpo.launcher is None
+    # Same global batch per optimizer step as the single-process quickstart.
+    assert ddp.sft.batch_size * ddp.sft.gradient_accumulation * 2 == \
+        plain.sft.batch_size * plain.sft.gradient_accumulation
+    same = {"launcher", "batch_size"}
+    assert ddp.sft.model_dump(exclude=same) == plain.sft.model_dump(exclude=same)
+
+
+def test_launcher_changes_the_fingerprint():
+    plain = load_config(QUICKSTART)
+    two = load_config(QUICKSTART, overrides=LAUNCHER)
+    four = load_config(QUICKSTART, overrides=[*LAUNCHER, "sft.launcher.nnodes=2",
+                                              "sft.launcher.rdzv_endpoint=node0:29500"])
+    prints = {stage_fingerprint(c, "sft", None) for c in (plain, two, four)}
+    assert len(prints) == 3
+
+
+def test_torchrun_command(tmp_path):
+    spec = tmp_path / "spec-1.json"
+    single = torchrun_command({"type": "torchrun", "nproc_per_node": 2, "nnodes": 1, "rdzv_endpoint": None}, spec)
+    assert single[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in single
+    assert single[-3:] == ["-m", "trainpipe.stages.worker", str(spec)]
+    multi = torchrun_command({"type": "torchrun", "nproc_per_node": 4, "nnodes": 2, "rdzv_endpoint": "node0:29500"},
+                             spec)
+    joined = " ".join(multi)
+    assert "--nproc_per_node 4 --nnodes 2" in joined and "--rdzv_backend c10d --rdzv_endpoint node0:29500" in joined
+    assert "--standalone" not in multi
+
+
+def test_checkpoint_without_every_rank_rng_state_is_refused(tmp_path):
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / "adapter_model.safetensors").write_bytes(b"x")
+    (ckpt / "rng_state_0.pth").write_bytes(b"r0")
+    checkpoints.write_manifest(ckpt, 2, world_size=2)
+    assert "rng_state_1.pth" in checkpoints.verify(ckpt)
+    (ckpt / "rng_state_1.pth").write_bytes(b"r1")
+    checkpoints.write_manifest(ckpt, 2, world_size=2)
+    assert checkpoints.verify(ckpt) is None
+
+
+# ---------------------------------------------------------------- real 2-rank training
+
+@pytest.mark.slow
+def test_two_rank_sft_trains_under_torchrun(ddp_reference):
+    result, db, weights = ddp_reference
+    ledger = Ledger(db)
+    attempts = ledger.attempts(result.run_id, "sft")
+    assert [(a["outcome"], a["worker"]) for a in attempts] == [("passed", "torchrun")]
+    metrics = attempts[0]["metrics"]
+    assert metrics["world_size"] == 2 and metrics["ddp_backend"] == "gloo"
+    assert metrics["total_steps"] == 8 and metrics["samples_processed"] == 8 * 8 * 2  # 2 ranks x batch 8
+    # Rank 0 alone recorded: one checkpoint row per save, each listing both ranks' RNG state.
+    steps = [c["step"] for c in ledger.checkpoints(result.run_id, "sft")]
+    assert steps == [2, 4, 6, 8]
+    manifest = json.loads((Path(ledger.checkpoints(result.run_id, "sft")[0]["path"]) / checkpoints.MANIFEST)
+                          .read_text())
+    assert manifest["world_size"] == 2 and {"rng_state_0.pth", "rng_state_1.pth"} <= set(manifest["files"])
+    work = Path(result.run_dir) / ".work" / "sft"
+    assert not list(work.glob("result-*.rank*.json"))  # no rank failed
+    assert weights
+    # The run's snapshot keeps the launcher: what a resume compares its world size against.
+    assert ledger.get_run(result.run_id)["config_snapshot"]["sft"]["launcher"] == {
+        "type": "torchrun", "nproc_per_node": 2, "nnodes": 1, "rdzv_endpoint": None}
+
+
+@pytest.mark.slow
+def test_orchestrator_sigkill_mid_ddp_training_resumes_identical(tmp_path, db_url, ddp_reference):
+    # Rank 0 pauses at step 5 (after checkpoint-4); rank 1 waits for it in the next collective.
+    fault = {"stage": "sft", "step": 5, "action": "pause", "seconds": 120, "once_file": str(tmp_path / "fired")}
+    proc = start_run(QUICKSTART, ddp_overrides(tmp_path / "out"), fault)
+    wait_for(lambda: (tmp_path / "fired").exists(), what="SFT to reach step 5")
+    run_id = only_run_id(db_url)
+    ledger = Ledger(db_url)
+    wait_for(lambda: any(c["step"] == 4 for c in ledger.checkpoints(run_id, "sft")), what="checkpoint-4 recorded")
+    torchrun_pid = ledger.attempts(run_id, "sft")[0]["pid"]
+    work = Path(ledger.get_run(run_id)["run_dir"]) / ".work" / "sft"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    # torchrun dies with the orchestrator, and both ranks with torchrun: nothing trains on unobserved.
+    wait_for(lambda: not _alive(torchrun_pid), timeout=30, what="torchrun to die with the orchestrator")
+    wait_for(lambda: not _stage_processes(work), timeout=30, what="the ranks to die with torchrun")
+
+    resumed = cli("resume", run_id)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    attempts = ledger.attempts(run_id, "sft")
+    assert [(a["outcome"], a["worker"]) for a in attempts] == [("interrupted", "torchrun"), ("passed", "torchrun")]
+    assert attempts[1]["resumed_from"].endswith("checkpoint-4")
+    assert_same_adapter(ddp_reference[2], adapter(ledger.get_run(run_id)["run_dir"]))
+
+
+@pytest.mark.slow
+def test_sigterm_reaches_every_rank_which_checkpoint_and_stop_then_resume_identical(tmp_path, db_url, ddp_reference):
+    """SIGTERM to `trainpipe run`: torchrun forwards it to both ranks, which agree on the step to stop
+    at, save a checkpoint there and exit; the run is interrupted, and resumes from that checkpoint."""
+    # Rank 0 holds step 5 for a few seconds, so that the signal lands while both ranks are mid-stage;
+    # the sleep is not cut short by the signal, and then both ranks stop at step 5 together.
+    fault = {"stage": "sft", "step": 5, "action": "pause", "seconds": 8, "once_file": str(tmp_path / "fired")}
+    proc = start_run(QUICKSTART, ddp_overrides(tmp_path / "out"), fault)
+    wait_for(lambda: (tmp_path / "fired").exists(), what="SFT to reach step 5")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
+    run_id = only_run_id(db_url)
+    ledger = Ledger(db_url)
+    assert ledger.get_run(run_id)["state"] == "interrupted"
+    [attempt] = ledger.attempts(run_id, "sft")
+    assert (attempt["outcome"], attempt["worker"]) == ("interrupted", "torchrun")
+    newest = max(ledger.checkpoints(run_id, "sft"), key=lambda c: c["step"])
+    assert newest["step"] == 5 and checkpoints.verify(newest["path"]) is None  # both ranks' RNG state in it
+
+    resumed = cli("resume", run_id)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    attempts = ledger.attempts(run_id, "sft")
+    assert [a["outcome"] for a in attempts] == ["interrupted", "passed"]
+    assert attempts[1]["resumed_from"].endswith("checkpoint-5")
+    assert_same_adapter(ddp_reference[2], adapter(ledger.get_run(run_id)["run_dir"]))
+
+
+@pytest.mark.slow
+def test_dead_rank_fails_the_attempt_and_the_retry_resumes_identical(tmp_path, db_url, ddp_reference):
+    """Rank 1 is SIGKILLed at step 3. torchrun stops rank 0 and exits non-zero; the attempt fails as
+    transient, and the retry (retry_count 1) resumes both ranks from checkpoint-2."""
+    fault = {"stage": "sft", "step": 3, "rank": 1, "action": "sigkill", "once_file": str(tmp_path / "fired")}
+    env = {**os.environ, "TRAINPIPE_FAULT": json.dumps(fault)}
+    args = [a for s in ddp_overrides(tmp_path / "out") for a in ("--set", s)]
+    proc = cli("run", str(QUICKSTART), *args, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_id = only_run_id(db_url)
+    attempts = Ledger(db_url).attempts(run_id, "sft")
+    assert [(a["outcome"], a["worker"]) for a in attempts] == [("failed", "torchrun"), ("passed", "torchrun")]
+    first = attempts[0]
+    assert first["exit_code"] not in (0, None) and first["error_kind"] == "transient"
+    assert "rank 1, exit code -9, SIGKILL" in first["error"], first["error"]  # torchrun's root cause
+    assert attempts[1]["resumed_from"].endswith("checkpoint-2")
+    assert_same_adapter(ddp_reference[2], adapter(Ledger(db_url).get_run(run_id)["run_dir"]))
+
+
+@pytest.mark.slow
+def test_dead_rank_without_retries_fails_the_run(tmp_path, db_url):
+    fault = {"stage": "sft", "step": 1, "rank": 1, "action": "sigkill"}
+    env = {**os.environ, "TRAINPIPE_FAULT": json.dumps(fault)}
+    args = [a for s in ddp_overrides(tmp_path / "out") + ["stages.sft.retry_count=0"] for a in ("--set", s)]
+    proc = cli("run", str(QUICKSTART), *args, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # EXIT_STAGE_FAILED
+    run_id = only_run_id(db_url)
+    ledger = Ledger(db_url)
+    assert ledger.get_run(run_id)["state"] == "failed"
+    [attempt] = ledger.attempts(run_id, "sft")
+    assert attempt["outcome"] == "failed" and attempt["worker"] == "torchrun" and attempt["exit_code"] != 0
+
+
+@pytest.mark.slow
+def test_error_in_another_rank_is_the_attempts_error(tmp_path, db_url):
+    """Rank 1 raises: its error (not rank 0's lost-peer error) is the attempt's, and as a bug it is
+    not retried although retry_count is 1."""
+    fault = {"stage": "sft", "step": 1, "rank": 1, "action": "crash"}
+    env = {**os.environ, "TRAINPIPE_FAULT": json.dumps(fault)}
+    proc = cli("run", str(QUICKSTART), *[a for s in ddp_overrides(tmp_path / "out") for a in ("--set", s)], env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    run_id = only_run_id(db_url)
+    [attempt] = Ledger(db_url).attempts(run_id, "sft")
+    assert attempt["outcome"] == "failed" and attempt["error_kind"] == "bug"
+    assert attempt["error"].startswith("rank 1: RuntimeError: injected crash"), attempt["error"]
+
+
+@pytest.mark.slow
+def test_timeout_stops_torchrun_and_every_rank(tmp_path, db_url, monkeypatch):
+    """A rank that cannot stop in time (paused for 300 s) is still gone after the stage timeout:
+    SIGTERM to torchrun's group, then SIGKILL after the grace period, and the ranks die with torchrun."""
+    monkeypatch.setenv("TRAINPIPE_TERM_GRACE_S", "2")
+    fault = {"stage": "sft", "step": 2, "action": "pause", "seconds": 300}
+    env = {**os.environ, "TRAINPIPE_FAULT": json.dumps(fault)}
+    args = [a for s in ddp_overrides(tmp_path / "out") + ["stages.sft.retry_count=0", "stages.sft.timeout_minutes=0.75"]
+            for a in ("--set", s)]
+    proc = cli("run", str(QUICKSTART), *args, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    run_id = only_run_id(db_url)
+    ledger = Ledger(db_url)
+    [attempt] = ledger.attempts(run_id, "sft")
+    assert (attempt["outcome"], attempt["worker"]) == ("timed_out", "torchrun")
+    assert "timed out after 45 s" in attempt["error"]
+    assert not _alive(attempt["pid"])
+    wait_for(lambda: not _stage_processes(Path(ledger.get_run(run_id)["run_dir"]) / ".work" / "sft"), timeout=10,
+             what="every rank to be gone")
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (not yet reaped by its parent) is dead for our purpose.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _stage_processes(work_dir: Path) -> list[int]:
+    """Live processes whose command line runs the stage worker on this run's spec (torchrun, ranks)."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"trainpipe.stages.worker" in cmdline and any(str(work_dir).encode() in part for part in cmdline) \
+                and _alive(int(entry.name)):
+            alive.append(int(entry.name))
+    return alive
