@@ -173,6 +173,7 @@ def test_orchestrator_sigkill_mid_ddp_training_resumes_identical(tmp_path, db_ur
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_sigterm_reaches_every_rank_which_checkpoint_and_stop_then_resume_identical(tmp_path, db_url, ddp_reference):
     """SIGTERM to `trainpipe run`: torchrun forwards it to both ranks, which agree on the step to stop
     at, save a checkpoint there and exit; the run is interrupted, and resumes from that checkpoint."""
@@ -200,6 +201,7 @@ def test_sigterm_reaches_every_rank_which_checkpoint_and_stop_then_resume_identi
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_dead_rank_fails_the_attempt_and_the_retry_resumes_identical(tmp_path, db_url, ddp_reference):
     """Rank 1 is SIGKILLed at step 3. torchrun stops rank 0 and exits non-zero; the attempt fails as
     transient, and the retry (retry_count 1) resumes both ranks from checkpoint-2."""
@@ -219,6 +221,7 @@ def test_dead_rank_fails_the_attempt_and_the_retry_resumes_identical(tmp_path, d
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_dead_rank_without_retries_fails_the_run(tmp_path, db_url):
     fault = {"stage": "sft", "step": 1, "rank": 1, "action": "sigkill"}
     env = {**os.environ, "TRAINPIPE_FAULT": json.dumps(fault)}
@@ -233,6 +236,7 @@ def test_dead_rank_without_retries_fails_the_run(tmp_path, db_url):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_error_in_another_rank_is_the_attempts_error(tmp_path, db_url):
     """Rank 1 raises: its error (not rank 0's lost-peer error) is the attempt's, and as a bug it is
     not retried although retry_count is 1."""
@@ -247,6 +251,7 @@ def test_error_in_another_rank_is_the_attempts_error(tmp_path, db_url):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_timeout_stops_torchrun_and_every_rank(tmp_path, db_url, monkeypatch):
     """A rank that cannot stop in time (paused for 300 s) is still gone after the stage timeout:
     SIGTERM to torchrun's group, then SIGKILL after the grace period, and the ranks die with torchrun."""

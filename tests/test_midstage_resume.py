@@ -17,7 +17,7 @@ from trainpipe.store.ledger import Ledger
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("stage,step", [("sft", 7), ("dpo", 3)])
+@pytest.mark.parametrize("stage,step", [("sft", 7), pytest.param("dpo", 3, marks=pytest.mark.extended)])
 def test_orchestrator_sigkill_mid_stage_resumes_bit_identical(stage, step, tmp_path, db_url, reference_weights):
     # The stage pauses at `step` (after the checkpoint at step-1), so the kill lands mid-training.
     fault = {"stage": stage, "step": step, "action": "pause", "seconds": 120, "once_file": str(tmp_path / "fired")}

@@ -158,7 +158,9 @@ def test_hub_errors_are_classified_and_never_carry_the_token(tmp_path: Path, mon
     with pytest.raises(hub.UploadFailed) as refused:
         hub.push(str(folder), REPO, "run-1")
     assert refused.value.kind == failures.USER
-    assert "huggingface.co refused the token (HTTP 401)" in refused.value.message
+    # The host named is the configured endpoint (HF_ENDPOINT, huggingface.co unless set when
+    # huggingface_hub was first imported; test_bad_input sets it to a closed local port).
+    assert f"{hub.endpoint_host()} refused the token (HTTP 401)" in refused.value.message
     assert TOKEN not in refused.value.message and "hf_AbCdEf123456" not in refused.value.message
 
     with pytest.raises(hub.UploadFailed) as missing:

@@ -109,11 +109,11 @@ class StageProcess:
 class _Spawned(StageProcess):
     worker = "spawn"
 
-    def __init__(self, spec_path: Path, log_path: Path, env: dict[str, str]):
+    def __init__(self, spec_path: Path, log_path: Path, env: dict[str, str], command: list[str] | None = None):
         with log_path.open("ab") as log:
             # A new session makes the stage its own process group: a timeout kills the whole group,
             # and a Ctrl-C in the terminal reaches only the orchestrator, which then asks it to stop.
-            self._proc = subprocess.Popen([sys.executable, "-m", "trainpipe.stages.worker", str(spec_path)],
+            self._proc = subprocess.Popen(command or [sys.executable, "-m", "trainpipe.stages.worker", str(spec_path)],
                                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True, preexec_fn=_die_with_parent, env=env)
         self.pid = self._proc.pid
@@ -141,7 +141,7 @@ def torchrun_command(launcher: dict[str, Any], spec_path: Path) -> list[str]:
     return command + ["-m", "trainpipe.stages.worker", str(spec_path)]
 
 
-class _Torchrun(StageProcess):
+class _Torchrun(_Spawned):
     """torchrun and its ranks. torchrun is the process group leader here; it starts each rank in a
     session of its own and forwards SIGTERM/SIGINT to them (then SIGKILL after its 30 s), and each
     rank dies with torchrun (stages/distributed.py: die_with_launcher). So signalling this group
@@ -150,17 +150,7 @@ class _Torchrun(StageProcess):
     worker = "torchrun"
 
     def __init__(self, launcher: dict[str, Any], spec_path: Path, log_path: Path, env: dict[str, str]):
-        with log_path.open("ab") as log:
-            self._proc = subprocess.Popen(torchrun_command(launcher, spec_path), stdout=log,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True, preexec_fn=_die_with_parent, env=env)
-        self.pid = self._proc.pid
-
-    def poll(self) -> int | None:
-        return self._proc.poll()
-
-    def signal_group(self, sig: int) -> None:
-        _signal_group(self._proc.pid, sig)
+        super().__init__(spec_path, log_path, env, command=torchrun_command(launcher, spec_path))
 
 
 class _Forked(StageProcess):
