@@ -10,6 +10,8 @@ import json
 import os
 import platform
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -217,6 +219,8 @@ def test_world_size_reads_the_launcher_when_there_is_one() -> None:
     assert world_size({"launcher": {"type": "torchrun", "nproc_per_node": 2}}) == 2
     assert world_size({"launcher": {"type": "torchrun", "nproc_per_node": 2, "nnodes": 3,
                                     "rdzv_endpoint": "h:29500"}}) == 6
+    assert world_size({"launcher": {"type": "torchrun", "nproc_per_node": "auto", "nnodes": 2}}) == \
+        2 * len(os.sched_getaffinity(0))  # no GPU here: the CPUs this process may use
 
 
 def test_recording_lineage_imports_no_torch() -> None:
@@ -231,3 +235,36 @@ def test_recording_lineage_imports_no_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_auto_world_size_follows_the_cpus_and_a_resume_on_more_is_refused_unless_forced(
+        tmp_path: Path, db_url: str) -> None:
+    """`nproc_per_node: auto` resolves to the CPUs the process may use: created on one CPU (taskset's
+    affinity, which auto reads), the run records world size 1; resumed with two CPUs it would train on
+    2 ranks, and the resume is refused, naming it, until --force, which then trains on 2 ranks."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs 2 CPUs to change the world size between the run and its resume")
+    auto = ["sft.launcher.type=torchrun", "sft.launcher.nproc_per_node=auto"]
+    env = {**os.environ, "TRAINPIPE_FAULT": json.dumps({"action": "crash_orchestrator", "at": "run:start",
+                                                        "once_file": str(tmp_path / "fired")})}
+    args = ["run", str(QUICKSTART), "--db", db_url, *_sets(fast_overrides(tmp_path / "out") + SFT_ONLY + auto)]
+    created = subprocess.run([sys.executable, "-m", "trainpipe.cli.app", *args], capture_output=True, text=True,
+                             env=env, timeout=600, preexec_fn=lambda: os.sched_setaffinity(0, {cpus[0]}))
+    assert created.returncode == 1, created.stdout + created.stderr
+    (run,) = Ledger(db_url).list_runs()
+    run_id = run["run_id"]
+    assert Ledger(db_url).get_run(run_id)["lineage"]["world_size"] == {"sft": 1}
+    before = _ledger_rows(db_url, run_id)
+
+    refused = cli("resume", run_id, "--db", db_url)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"world size (sft): 1 -> {len(cpus)}" in refused.stderr and "Traceback" not in refused.stderr
+    assert _ledger_rows(db_url, run_id) == before, "a refused resume writes nothing"
+
+    forced = cli("resume", run_id, "--db", db_url, "--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    ledger = Ledger(db_url)
+    assert ledger.get_run(run_id)["state"] == "succeeded"
+    (attempt,) = [a for a in ledger.attempts(run_id) if a["stage"] == "sft"]
+    assert attempt["worker"] == "torchrun" and attempt["metrics"]["world_size"] == len(cpus)

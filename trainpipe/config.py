@@ -37,8 +37,18 @@ class LauncherSettings(_Strict):
     batch_size * gradient_accumulation * world size), so it is part of the stage's fingerprint."""
 
     type: Literal["torchrun"] = Field(description="The launcher; torchrun (torch.distributed.run) is the one.")
-    nproc_per_node: int = Field(ge=1, description="Processes (ranks) on this node: one per GPU, or per CPU "
-                                "socket's worth of cores on CPU (gloo).")
+    nproc_per_node: int | Literal["auto"] = Field(
+        description="Processes (ranks) on this node: one per GPU, or per CPU socket's worth of cores on "
+                    "CPU (gloo). `auto`: the GPUs this node sees, else the CPUs this process may run on "
+                    "(resolved when the stage starts, so a resume elsewhere may get another world size: "
+                    "`trainpipe resume` refuses that unless --force).")
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _at_least_one(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"nproc_per_node must be >= 1 or 'auto', got {value}")
+        return value
     nnodes: int = Field(1, ge=1, description="Nodes taking part; each runs `trainpipe` with the same config.")
     rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous; required when "
                                       "nnodes > 1. Without it a single node rendezvouses on localhost "

@@ -134,6 +134,11 @@ def stage_fingerprint(config: PipelineConfig, stage: str, upstream: str | None,
     """The stage's fingerprint. `upstream` is the fingerprint of the stage whose output this one reads
     (SFT for merge, merge or SFT for DPO), None when it reads only the base model."""
     settings = getattr(config, stage).model_dump(mode="json")
+    if isinstance(settings.get("launcher"), dict) and settings["launcher"].get("nproc_per_node") == "auto":
+        # World size changes the result: `auto` is fingerprinted as what it resolves to here.
+        from trainpipe.engine.lineage import nproc_per_node
+
+        settings["launcher"] = {**settings["launcher"], "nproc_per_node": nproc_per_node(settings["launcher"])}
     datasets: dict[str, str | None] = {}
     if stage == "sft":
         datasets = {"sft": _file_hash(config.datasets.sft), "eval": _file_hash(config.datasets.eval)}

@@ -41,7 +41,21 @@ def world_size(stage_settings: Mapping[str, Any] | None) -> int:
     launcher = (stage_settings or {}).get("launcher")
     if not isinstance(launcher, Mapping):
         return 1
-    return int(launcher.get("nproc_per_node") or 1) * int(launcher.get("nnodes") or 1)
+    return nproc_per_node(launcher) * int(launcher.get("nnodes") or 1)
+
+
+def nproc_per_node(launcher: Mapping[str, Any]) -> int:
+    """The launcher's ranks on this node, `auto` resolved here and nowhere else (the lineage, the
+    fingerprint and the torchrun command agree): the GPUs the driver lists when CUDA is visible, else
+    the CPUs this process may run on (its affinity, which taskset and cgroups narrow)."""
+    value = launcher.get("nproc_per_node") or 1
+    if value != "auto":
+        return int(value)
+    if cuda_device_visible():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = len(list(Path("/proc/driver/nvidia/gpus").glob("*")))
+        return max(1, len([d for d in visible.split(",") if d.strip()]) if visible else gpus)
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def gpu_name() -> str | None:

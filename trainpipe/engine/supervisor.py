@@ -127,9 +127,11 @@ class _Spawned(StageProcess):
 
 def torchrun_command(launcher: dict[str, Any], spec_path: Path) -> list[str]:
     """torch.distributed.run (what the `torchrun` script runs) with the stage worker as its module."""
+    from trainpipe.engine.lineage import nproc_per_node
+
     nnodes = int(launcher.get("nnodes") or 1)
     command = [sys.executable, "-m", "torch.distributed.run",
-               "--nproc_per_node", str(int(launcher["nproc_per_node"])), "--nnodes", str(nnodes),
+               "--nproc_per_node", str(nproc_per_node(launcher)), "--nnodes", str(nnodes),
                # A rank that dies fails the attempt; the orchestrator's retry resumes from the newest
                # verified checkpoint, where torchrun's own restart would start training over.
                "--max_restarts", "0"]
