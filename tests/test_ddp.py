@@ -120,6 +120,9 @@ def test_checkpoint_without_every_rank_rng_state_is_refused(tmp_path):
     (ckpt / "rng_state_1.pth").write_bytes(b"r1")
     checkpoints.write_manifest(ckpt, 2, world_size=2)
     assert checkpoints.verify(ckpt) is None
+    assert checkpoints.verify(ckpt, world_size=2) is None
+    # A resume forced past a world-size change does not continue another world size's checkpoint.
+    assert checkpoints.verify(ckpt, world_size=1) == "saved by 2 rank(s), and this attempt runs 1"
 
 
 # ---------------------------------------------------------------- real 2-rank training

@@ -56,8 +56,11 @@ def manifest_step(checkpoint_dir: str | Path) -> int | None:
     return step if isinstance(step, int) else None
 
 
-def verify(checkpoint_dir: str | Path) -> str | None:
-    """None if the checkpoint is complete and intact, else the reason it cannot be trusted."""
+def verify(checkpoint_dir: str | Path, world_size: int | None = None) -> str | None:
+    """None if the checkpoint is complete and intact, else the reason it cannot be trusted. With
+    `world_size`, a checkpoint saved by another number of ranks is refused too: its per-rank RNG
+    states and data shards do not map onto this attempt's ranks (a resume forced past a world-size
+    change then restarts the stage instead of continuing it inexactly)."""
     root = Path(checkpoint_dir)
     manifest_path = root / MANIFEST
     if not root.is_dir():
@@ -68,9 +71,11 @@ def verify(checkpoint_dir: str | Path) -> str | None:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return "manifest is unreadable"
-    world_size = manifest.get("world_size", 1)
-    if world_size > 1:
-        missing = [name for name in rng_files(world_size) if name not in manifest.get("files", {})]
+    saved_by = manifest.get("world_size", 1)
+    if world_size is not None and saved_by != world_size:
+        return f"saved by {saved_by} rank(s), and this attempt runs {world_size}"
+    if saved_by > 1:
+        missing = [name for name in rng_files(saved_by) if name not in manifest.get("files", {})]
         if missing:
             return f"{', '.join(missing)} not saved (a rank's RNG state is missing)"
     for rel, meta in manifest.get("files", {}).items():

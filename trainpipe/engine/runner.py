@@ -476,11 +476,13 @@ def _lease(ledger: Ledger, run_id: str, name: str, fingerprint: str) -> dict[str
     return holder
 
 
-def newest_verified_checkpoint(ledger: Ledger, run_id: str, stage: str) -> tuple[str | None, list[str]]:
-    """The newest checkpoint whose manifest verifies, and why any newer ones were passed over."""
+def newest_verified_checkpoint(ledger: Ledger, run_id: str, stage: str,
+                               world_size: int | None = None) -> tuple[str | None, list[str]]:
+    """The newest checkpoint whose manifest verifies (for `world_size` ranks, when given), and why
+    any newer ones were passed over."""
     skipped: list[str] = []
     for row in sorted(ledger.checkpoints(run_id, stage), key=lambda r: (r["step"], r["id"]), reverse=True):
-        problem = checkpoints.verify(row["path"])
+        problem = checkpoints.verify(row["path"], world_size)
         if problem is None:
             return row["path"], skipped
         skipped.append(f"{row['path']}: {problem}")
@@ -542,7 +544,8 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
     overrides: dict[str, Any] = {}
     for attempt_index in range(entry.retry_count + 1):
         adopted = adopt_unrecorded_checkpoints(ledger, run_id, name, work_dir / "checkpoints")
-        resume_from, skipped = newest_verified_checkpoint(ledger, run_id, name)
+        resume_from, skipped = newest_verified_checkpoint(
+            ledger, run_id, name, lineage.world_size(getattr(config, name).model_dump(mode="json")))
         _discard_newer_checkpoints(work_dir / "checkpoints", resume_from)
         detail: dict[str, Any] = {"resume_from": resume_from}
         if skipped:
