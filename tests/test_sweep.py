@@ -70,9 +70,12 @@ def test_beta_sweep_killed_resumes_trains_shared_stages_once_and_never_chooses_a
     assert sorted(t["params"]["dpo.beta"] for t in trials) == [0.05, 0.1, 0.3]
     runs = [t["run_id"] for t in trials]
     assert {ledger.get_run(r)["state"] for r in runs} == {"succeeded", "rejected"}
-    # The killed trial's DPO continued from its checkpoint rather than starting over.
+    # The killed trial's DPO continued from its checkpoint rather than starting over: checkpoint-4,
+    # or a later one the stage process completed between the orchestrator's death and its own, which
+    # resume adopts once its manifest verifies (runner.adopt_unrecorded_checkpoints).
     first = ledger.attempts(runs[0], "dpo")
-    assert len(first) == 2 and first[1]["resumed_from"].endswith("checkpoint-4")
+    assert len(first) == 2 and first[1]["resumed_from"], first
+    assert int(first[1]["resumed_from"].rsplit("checkpoint-", 1)[1]) >= 4, first[1]["resumed_from"]
     # Shared prefix: SFT and merge trained once, by the first trial; DPO once per trial.
     assert _trainings(ledger, runs) == {"sft": 1, "merge": 1, "dpo": 3}
     for run_id in runs[1:]:
