@@ -34,8 +34,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SETS: list[str] = []
-# Enough epochs for >= 60 s of training on a 2-core box (the quickstart trains ~20 s).
-LONG_SETS = ["sft.epochs=18", "dpo.epochs=4", "stages.sft.timeout_minutes=60", "stages.dpo.timeout_minutes=60"]
+# Enough epochs for >= 60 s of training on a 2-core box (the quickstart's SFT trains ~8-17 s there).
+LONG_SETS = ["sft.epochs=80", "dpo.epochs=8", "stages.sft.timeout_minutes=60", "stages.dpo.timeout_minutes=60"]
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
@@ -84,6 +84,10 @@ def phases(db_url: str, launched: float, ended: float) -> dict[str, Any]:
             "gate": child_done - validating,
             "gate checks (sum)": gate_checks.get(attempt["stage"], 0.0),
             "child exit, hashing + ledger": attempt["finished_at"] - child_done,
+            # The Trainer's own loop, first step to last: the same figure the plain script reports,
+            # so a gap here means the two sides are not doing the same training.
+            "trainer loop": next((e["logs"]["train_runtime"] for e in events
+                                  if e["type"] == "log" and "train_runtime" in e["logs"]), 0.0),
         }
         previous_end = attempt["finished_at"]
     result["ledger between stages"] = between
@@ -100,7 +104,8 @@ def compare(label: str, rounds: int, sets: list[str], work: Path, env: dict[str,
         runs.append(phase)
         wall, _, stdout = timed([sys.executable, "benchmarks/plain_trl.py", str(work / f"{label}-plain-{i}"), *sets], env)
         plain.append(wall)
-        phase["plain"] = next(json.loads(line)["plain_phases"] for line in stdout.splitlines() if "plain_phases" in line)
+        report = next(json.loads(line) for line in stdout.splitlines() if "plain_phases" in line)
+        phase["plain"] = {**report["plain_phases"], "trainer loop": report["train_runtime"]}
         if frozen_baseline:
             wall, _, stdout = timed([sys.executable, "benchmarks/plain_trl.py", str(work / f"{label}-frozen-{i}"),
                                      *sets], {**env, "PLAIN_GC_FREEZE": "1"})
@@ -133,7 +138,8 @@ def print_phases(label: str, runs: list[dict[str, Any]]) -> None:
 
     print(f"\n{label}: where trainpipe's wall time goes (median over {len(runs)} runs; workers {runs[0]['workers']})")
     print("| phase | sft | merge | dpo |\n|---|---|---|---|")
-    for phase in ("process start", "stage work", "gate", "gate checks (sum)", "child exit, hashing + ledger"):
+    for phase in ("process start", "stage work", "trainer loop", "gate", "gate checks (sum)",
+                  "child exit, hashing + ledger"):
         cells = [f"{med(lambda r, s=s, p=phase: r['stages'][s][p]):.2f} s" if s in runs[0]["stages"] else "-"
                  for s in ("sft", "merge", "dpo")]
         print(f"| {phase} | {' | '.join(cells)} |")
@@ -142,6 +148,9 @@ def print_phases(label: str, runs: list[dict[str, Any]]) -> None:
     if "plain" in runs[0]:
         cells = [f"{med(lambda r, s=s: r['plain'][s]):.2f} s" for s in ("sft", "merge", "dpo")]
         print(f"| plain TRL script: the same stage (no gate) | {' | '.join(cells)} |")
+        cells = [f"{med(lambda r, s=s: r['plain']['trainer loop'][s]):.2f} s" if s != "merge" else "-"
+                 for s in ("sft", "merge", "dpo")]
+        print(f"| plain TRL script: trainer loop | {' | '.join(cells)} |")
         print(f"| plain TRL script: its imports | {med(lambda r: r['plain']['imports']):.2f} s (run) | | |")
     p2 = [r["stages"][s]["process start"] for r in runs for s in ("merge", "dpo") if s in r["stages"]]
     print(f"P2 per-stage process start beyond the first stage ({label}): median {statistics.median(p2):.2f} s, "

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,8 +108,13 @@ def test_torchrun_command(tmp_path):
     multi = torchrun_command({"type": "torchrun", "nproc_per_node": 4, "nnodes": 2, "rdzv_endpoint": "node0:29500"},
                              spec)
     joined = " ".join(multi)
-    assert "--nproc_per_node 4 --nnodes 2" in joined and "--rdzv_backend c10d --rdzv_endpoint node0:29500" in joined
-    assert "--standalone" not in multi
+    # Several nodes: a static rendezvous at node 0, so global rank 0 is on the orchestrator's node.
+    assert "--nproc_per_node 4 --nnodes 2" in joined and "--node_rank 0 --master_addr node0 --master_port 29500" in joined
+    assert "--standalone" not in multi and "--rdzv_backend" not in multi
+    assert "--node_rank 1 " in " ".join(torchrun_command({"type": "torchrun", "nproc_per_node": 4, "nnodes": 2,
+                                                          "rdzv_endpoint": "node0:29500"}, spec, node_rank=1))
+    one = torchrun_command({"type": "torchrun", "nproc_per_node": 2, "nnodes": 1, "rdzv_endpoint": "h:1234"}, spec)
+    assert "--rdzv_backend c10d --rdzv_endpoint h:1234" in " ".join(one)
 
 
 def test_checkpoint_without_every_rank_rng_state_is_refused(tmp_path):
@@ -303,3 +310,101 @@ def _stage_processes(work_dir: Path) -> list[int]:
                 and _alive(int(entry.name)):
             alive.append(int(entry.name))
     return alive
+
+
+# ---------------------------------------------------------------- two nodes on one machine
+
+def _two_node_overrides(output_dir: Path) -> list[str]:
+    """The 2-rank reference again, as 1 rank on each of 2 "nodes" that meet at a loopback port."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return resume_overrides(output_dir) + [
+        "sft.max_steps=8", "stages.merge.enabled=false", "stages.dpo.enabled=false",
+        "sft.launcher.type=torchrun", "sft.launcher.nproc_per_node=1", "sft.launcher.nnodes=2",
+        f"sft.launcher.rdzv_endpoint=127.0.0.1:{port}"]
+
+
+def _run_two_nodes(tmp_path: Path, db_url: str, fault: dict | None = None, sets: tuple[str, ...] = ()) -> tuple[str, subprocess.CompletedProcess,
+                                                                                        subprocess.CompletedProcess]:
+    """Node 0: `trainpipe run`; node 1: `trainpipe join RUN_ID --node-rank 1`, a separate process that
+    shares only the ledger and the run dir with node 0 (as a second machine would, on shared storage)."""
+    # torchrun sets OMP_NUM_THREADS=1 only for nproc_per_node > 1; the reference's ranks ran with one.
+    # A short grace: a follower that took node 0's gate for the attempt's end would stop its torchrun
+    # after 2 s, and node 0's torchrun would then wait 300 s for it at torchrun's exit barrier.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAINPIPE_TERM_GRACE_S": "4"}
+    if fault:
+        env["TRAINPIPE_FAULT"] = json.dumps(fault)
+    args = [a for s in [*_two_node_overrides(tmp_path / "out"), *sets] for a in ("--set", s)]
+    node0 = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "run", str(QUICKSTART), *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    run_id = wait_for(lambda: only_run_id(db_url), timeout=120, what="node 0 to create the run")
+    node1 = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "join", run_id, "--node-rank", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out0, err0 = node0.communicate(timeout=400)
+        out1, err1 = node1.communicate(timeout=120)
+    finally:
+        for proc in (node0, node1):
+            if proc.poll() is None:
+                proc.kill()
+    return (run_id, subprocess.CompletedProcess(node0.args, node0.returncode, out0, err0),
+            subprocess.CompletedProcess(node1.args, node1.returncode, out1, err1))
+
+
+@pytest.mark.slow
+def test_two_nodes_train_the_same_adapter_as_two_ranks_on_one(tmp_path, db_url, ddp_reference):
+    # Rank 0's gate takes 8 s or more (a check that sleeps to its timeout): node 1 must leave its
+    # torchrun alone until node 0's exits.
+    slow = "trainpipe_test_checks:sleeps_past_its_timeout"
+    run_id, node0, node1 = _run_two_nodes(tmp_path, db_url, sets=(
+        f"validation.custom_checks=[output_format_valid, no_harmful_content, {slow}]",
+        f"validation.checks.{slow}.timeout_s=8", f"validation.checks.{slow}.severity=warn"))
+    assert node0.returncode == 0, node0.stdout + node0.stderr
+    assert node1.returncode == 0, node1.stdout + node1.stderr
+    assert "sft: attempt 1: node 1's torchrun exited with 0" in node1.stdout, node1.stdout
+    assert f"run {run_id}: succeeded; served 1 attempt(s)" in node1.stdout
+    ledger = Ledger(db_url)
+    [attempt] = ledger.attempts(run_id, "sft")
+    assert attempt["outcome"] == "passed" and attempt["worker"] == "torchrun"
+    assert attempt["metrics"]["world_size"] == 2 and attempt["metrics"]["ddp_backend"] == "gloo"
+    # Node 0 alone wrote the ledger; the lineage counts both nodes' ranks.
+    assert ledger.get_run(run_id)["lineage"]["world_size"]["sft"] == 2
+    work = Path(ledger.get_run(run_id)["run_dir"]) / ".work" / "sft"
+    assert (work / "stage-node1.log").stat().st_size > 0  # node 1's torchrun logged beside node 0's
+    manifest = json.loads((Path(ledger.checkpoints(run_id, "sft")[-1]["path"]) / checkpoints.MANIFEST).read_text())
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(manifest["files"])
+    assert_same_adapter(ddp_reference[2], adapter(ledger.get_run(run_id)["run_dir"]))
+
+
+@pytest.mark.slow
+def test_a_rank_dying_on_the_other_node_is_retried_from_the_checkpoint(tmp_path, db_url, ddp_reference):
+    """Node 1's rank (global rank 1) is SIGKILLed at step 3: node 0's rank loses its peer, the attempt
+    fails as transient, the retry resumes from checkpoint-2, and node 1 serves the retry too."""
+    fault = {"stage": "sft", "step": 3, "rank": 1, "action": "sigkill", "once_file": str(tmp_path / "fired")}
+    run_id, node0, node1 = _run_two_nodes(tmp_path, db_url, fault)
+    assert node0.returncode == 0, node0.stdout + node0.stderr
+    assert node1.returncode == 0 and "served 2 attempt(s)" in node1.stdout, node1.stdout + node1.stderr
+    attempts = Ledger(db_url).attempts(run_id, "sft")
+    assert [(a["outcome"], a["worker"]) for a in attempts] == [("failed", "torchrun"), ("passed", "torchrun")]
+    assert attempts[0]["error_kind"] == "transient" and attempts[1]["resumed_from"].endswith("checkpoint-2")
+    assert_same_adapter(ddp_reference[2], adapter(Ledger(db_url).get_run(run_id)["run_dir"]))
+
+
+def test_join_refuses_a_run_without_multi_node_stages_and_a_bad_node_rank(tmp_path, db_url):
+    proc = cli("join", "no-such-run", "--node-rank", "1")
+    assert proc.returncode == 2 and "no run with id 'no-such-run'" in proc.stderr, proc.stderr
+    ledger = Ledger(db_url)
+    config = load_config(QUICKSTART, overrides=_two_node_overrides(tmp_path))
+    ledger.create_run(run_id="two-nodes", pipeline_id="quickstart", config_snapshot=config.model_dump(mode="json"),
+                      output_dir=str(tmp_path), run_dir=str(tmp_path / "two-nodes"), config_path=str(QUICKSTART), stages=["sft"])
+    proc = cli("join", "two-nodes", "--node-rank", "2")
+    assert proc.returncode == 2 and "--node-rank 2 is outside 1..1" in proc.stderr, proc.stderr
+    ledger.create_run(run_id="one-node", pipeline_id="quickstart",
+                      config_snapshot=load_config(QUICKSTART).model_dump(mode="json"),
+                      output_dir=str(tmp_path), run_dir=str(tmp_path / "one-node"), config_path=str(QUICKSTART), stages=["sft"])
+    proc = cli("join", "one-node", "--node-rank", "1")
+    assert proc.returncode == 2 and "no stage that spans several nodes" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

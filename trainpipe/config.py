@@ -49,10 +49,13 @@ class LauncherSettings(_Strict):
         if isinstance(value, int) and value < 1:
             raise ValueError(f"nproc_per_node must be >= 1 or 'auto', got {value}")
         return value
-    nnodes: int = Field(1, ge=1, description="Nodes taking part; each runs `trainpipe` with the same config.")
-    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous; required when "
-                                      "nnodes > 1. Without it a single node rendezvouses on localhost "
-                                      "(torchrun --standalone).")
+    nnodes: int = Field(1, ge=1, description="Nodes taking part: node 0 runs `trainpipe run`/`resume`, each "
+                        "other node `trainpipe join RUN_ID --node-rank K`, with the run dir on storage "
+                        "all nodes share.")
+    rdzv_endpoint: str | None = Field(None, description="host:port where the ranks meet; required when "
+                                      "nnodes > 1, and then it is node 0's address (torchrun's "
+                                      "master_addr:master_port). With one node: a c10d rendezvous there; "
+                                      "without it, localhost (torchrun --standalone).")
 
     @model_validator(mode="after")
     def _endpoint_for_many_nodes(self) -> LauncherSettings:

@@ -205,6 +205,25 @@ def sweep(
     raise typer.Exit(result.exit_code)
 
 
+@app.command()
+def join(
+    run_id: Annotated[str, typer.Argument(help="The run node 0 started (its first line of output).")],
+    node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank, 1..nnodes-1 (node 0 runs "
+                                           "`trainpipe run` or `resume`).")],
+    exit_when_interrupted: Annotated[bool, typer.Option("--exit-when-interrupted", help="Leave when the run is "
+                                                        "interrupted instead of waiting for its resume.")] = False,
+    db: DbOption = None,
+) -> None:
+    """Serve a multi-node run's torchrun stages from this node until the run finishes. The ledger
+    (--db) and the run dir must be reachable from every node; this node records nothing."""
+    from trainpipe.engine.follower import follow
+
+    renderer = _renderer()
+    result = follow(_reader(db), run_id, node_rank, note=lambda line: renderer.out.print(line, markup=False),
+                    exit_when_interrupted=exit_when_interrupted)
+    renderer.out.print(f"run {run_id}: {result.run_state}; served {len(result.attempts)} attempt(s)", markup=False)
+
+
 @app.command("sweep-status")
 def sweep_status(
     sweep_id: Annotated[str, typer.Argument(help="Sweep id (printed when the sweep starts).")],

@@ -125,8 +125,9 @@ class _Spawned(StageProcess):
         _signal_group(self._proc.pid, sig)
 
 
-def torchrun_command(launcher: dict[str, Any], spec_path: Path) -> list[str]:
-    """torch.distributed.run (what the `torchrun` script runs) with the stage worker as its module."""
+def torchrun_command(launcher: dict[str, Any], spec_path: Path, node_rank: int = 0) -> list[str]:
+    """torch.distributed.run (what the `torchrun` script runs) with the stage worker as its module.
+    `node_rank` is 0 for the orchestrator's node and 1..nnodes-1 for `trainpipe join` on the others."""
     from trainpipe.engine.lineage import nproc_per_node
 
     nnodes = int(launcher.get("nnodes") or 1)
@@ -135,7 +136,13 @@ def torchrun_command(launcher: dict[str, Any], spec_path: Path) -> list[str]:
                # A rank that dies fails the attempt; the orchestrator's retry resumes from the newest
                # verified checkpoint, where torchrun's own restart would start training over.
                "--max_restarts", "0"]
-    if launcher.get("rdzv_endpoint"):
+    if nnodes > 1:
+        # Static rendezvous at node 0, with node ranks given, not drawn: c10d numbers nodes in an
+        # order of its own, and global rank 0 (which writes the result and runs the gate) must live
+        # on the orchestrator's node, whose torchrun then cannot exit before that rank is done.
+        host, port = str(launcher["rdzv_endpoint"]).rsplit(":", 1)
+        command += ["--node_rank", str(node_rank), "--master_addr", host, "--master_port", port]
+    elif launcher.get("rdzv_endpoint"):
         command += ["--rdzv_backend", "c10d", "--rdzv_endpoint", str(launcher["rdzv_endpoint"])]
     else:
         # Single node: rendezvous on a free localhost port, so concurrent runs never collide.
@@ -151,8 +158,9 @@ class _Torchrun(_Spawned):
 
     worker = "torchrun"
 
-    def __init__(self, launcher: dict[str, Any], spec_path: Path, log_path: Path, env: dict[str, str]):
-        super().__init__(spec_path, log_path, env, command=torchrun_command(launcher, spec_path))
+    def __init__(self, launcher: dict[str, Any], spec_path: Path, log_path: Path, env: dict[str, str],
+                 node_rank: int = 0):
+        super().__init__(spec_path, log_path, env, command=torchrun_command(launcher, spec_path, node_rank))
 
 
 class _Forked(StageProcess):
