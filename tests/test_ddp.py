@@ -408,3 +408,40 @@ def test_join_refuses_a_run_without_multi_node_stages_and_a_bad_node_rank(tmp_pa
     proc = cli("join", "one-node", "--node-rank", "1")
     assert proc.returncode == 2 and "no stage that spans several nodes" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_node_run_whose_orchestrator_is_killed_resumes_with_the_same_follower(tmp_path, db_url, ddp_reference):
+    """Node 0's `trainpipe run` is SIGKILLed after checkpoint-4: every rank on both nodes stops, the
+    follower stays, and `trainpipe resume` on node 0 brings both nodes back from checkpoint-4 to the
+    uninterrupted adapter."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAINPIPE_FAULT": json.dumps(
+        {"stage": "sft", "step": 5, "action": "pause", "seconds": 120, "once_file": str(tmp_path / "fired")})}
+    args = [a for s in _two_node_overrides(tmp_path / "out") for a in ("--set", s)]
+    node0 = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "run", str(QUICKSTART), *args],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    run_id = wait_for(lambda: only_run_id(db_url), timeout=120, what="node 0 to create the run")
+    node1 = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "join", run_id, "--node-rank", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        ledger = Ledger(db_url)
+        wait_for(lambda: any(c["step"] == 4 for c in ledger.checkpoints(run_id, "sft")), what="checkpoint-4 recorded")
+        work = Path(ledger.get_run(run_id)["run_dir"]) / ".work" / "sft"
+        node0.send_signal(signal.SIGKILL)
+        node0.wait(timeout=30)
+        # Node 0's torchrun and rank die with it; node 1's rank loses its peer and its torchrun exits.
+        wait_for(lambda: not _stage_processes(work), timeout=60, what="every rank on both nodes to stop")
+        assert node1.poll() is None  # the follower waits for the run to be resumed
+
+        resumed = cli("resume", run_id, env=env)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        out1, err1 = node1.communicate(timeout=120)
+    finally:
+        for proc in (node0, node1):
+            if proc.poll() is None:
+                proc.kill()
+    assert node1.returncode == 0 and f"run {run_id}: succeeded; served 2 attempt(s)" in out1, out1 + err1
+    attempts = ledger.attempts(run_id, "sft")
+    assert [a["outcome"] for a in attempts] == ["interrupted", "passed"]
+    assert attempts[1]["resumed_from"].endswith("checkpoint-4")
+    assert_same_adapter(ddp_reference[2], adapter(ledger.get_run(run_id)["run_dir"]))
