@@ -28,7 +28,8 @@ bench: install
 # The whole fault-injection matrix and the `extended` scenarios (~30 min on 2 cores). `make test` runs 2
 # of the matrix's 20 scenarios (orchestrator killed during gate 1, stage killed during gate 2), and of
 # torchrun's: the 2-rank reference run and SIGKILL/resume; here also SIGTERM, timeout, a dead rank
-# (retried and not), an error in rank 1; the DPO mid-stage resume; the parallel sweep on PostgreSQL.
+# (retried and not), an error in rank 1, a SIGTERM to a two-node run; the DPO mid-stage resume; the
+# parallel sweep on PostgreSQL.
 matrix: install
 	TRAINPIPE_FULL_MATRIX=1 $(BIN)/python -m pytest -q -rA tests/test_fault_matrix.py -m "not extended"
 	TRAINPIPE_FULL_MATRIX=1 $(BIN)/python -m pytest -q -rA -m extended

@@ -445,3 +445,40 @@ def test_two_node_run_whose_orchestrator_is_killed_resumes_with_the_same_followe
     assert [a["outcome"] for a in attempts] == ["interrupted", "passed"]
     assert attempts[1]["resumed_from"].endswith("checkpoint-4")
     assert_same_adapter(ddp_reference[2], adapter(ledger.get_run(run_id)["run_dir"]))
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_sigterm_on_node_0_stops_the_ranks_of_both_nodes_at_one_step(tmp_path, db_url, ddp_reference):
+    """SIGTERM to node 0's `trainpipe run`: its torchrun forwards it to rank 0, and rank 1 on node 1
+    learns of it through the per-step all-reduce; both save checkpoint-5 and exit, node 1's torchrun
+    with 0. The follower waits, and serves the resumed attempt to the uninterrupted adapter."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAINPIPE_FAULT": json.dumps(
+        {"stage": "sft", "step": 5, "action": "pause", "seconds": 8, "once_file": str(tmp_path / "fired")})}
+    args = [a for s in _two_node_overrides(tmp_path / "out") for a in ("--set", s)]
+    node0 = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "run", str(QUICKSTART), *args],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    run_id = wait_for(lambda: only_run_id(db_url), timeout=120, what="node 0 to create the run")
+    node1 = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "join", run_id, "--node-rank", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for(lambda: (tmp_path / "fired").exists(), what="SFT to reach step 5")
+        node0.send_signal(signal.SIGTERM)
+        assert node0.wait(timeout=120) == 130
+        ledger = Ledger(db_url)
+        assert ledger.get_run(run_id)["state"] == "interrupted"
+        newest = max(ledger.checkpoints(run_id, "sft"), key=lambda c: c["step"])
+        assert newest["step"] == 5 and checkpoints.verify(newest["path"], world_size=2) is None
+        resumed = cli("resume", run_id, env=env)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        out1, err1 = node1.communicate(timeout=120)
+    finally:
+        for proc in (node0, node1):
+            if proc.poll() is None:
+                proc.kill()
+    assert "sft: attempt 1: node 1's torchrun exited with 0" in out1, out1 + err1
+    assert node1.returncode == 0 and "served 2 attempt(s)" in out1, out1 + err1
+    attempts = ledger.attempts(run_id, "sft")
+    assert [a["outcome"] for a in attempts] == ["interrupted", "passed"]
+    assert attempts[1]["resumed_from"].endswith("checkpoint-5")
+    assert_same_adapter(ddp_reference[2], adapter(ledger.get_run(run_id)["run_dir"]))
