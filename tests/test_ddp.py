@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -327,31 +328,39 @@ def _two_node_overrides(output_dir: Path) -> list[str]:
         f"sft.launcher.rdzv_endpoint=127.0.0.1:{port}"]
 
 
-def _run_two_nodes(tmp_path: Path, db_url: str, fault: dict | None = None, sets: tuple[str, ...] = ()) -> tuple[str, subprocess.CompletedProcess,
-                                                                                        subprocess.CompletedProcess]:
-    """Node 0: `trainpipe run`; node 1: `trainpipe join RUN_ID --node-rank 1`, a separate process that
-    shares only the ledger and the run dir with node 0 (as a second machine would, on shared storage)."""
+@contextmanager
+def _two_nodes(tmp_path: Path, db_url: str, fault: dict | None = None, sets: tuple[str, ...] = (),
+               env: dict[str, str] | None = None):
+    """Node 0: `trainpipe run` (output in node0.log); node 1: `trainpipe join RUN_ID --node-rank 1`, a
+    separate process that shares only the ledger and the run dir with node 0, as a second machine
+    would on shared storage. Yields (run_id, node 0, node 1, env); both are killed on the way out."""
     # torchrun sets OMP_NUM_THREADS=1 only for nproc_per_node > 1; the reference's ranks ran with one.
-    # A short grace: a follower that took node 0's gate for the attempt's end would stop its torchrun
-    # after 2 s, and node 0's torchrun would then wait 300 s for it at torchrun's exit barrier.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAINPIPE_TERM_GRACE_S": "4"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if fault:
         env["TRAINPIPE_FAULT"] = json.dumps(fault)
     args = [a for s in [*_two_node_overrides(tmp_path / "out"), *sets] for a in ("--set", s)]
-    node0 = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "run", str(QUICKSTART), *args],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    run_id = wait_for(lambda: only_run_id(db_url), timeout=120, what="node 0 to create the run")
-    node1 = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "join", run_id, "--node-rank", "1"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        out0, err0 = node0.communicate(timeout=400)
-        out1, err1 = node1.communicate(timeout=120)
-    finally:
-        for proc in (node0, node1):
-            if proc.poll() is None:
-                proc.kill()
-    return (run_id, subprocess.CompletedProcess(node0.args, node0.returncode, out0, err0),
-            subprocess.CompletedProcess(node1.args, node1.returncode, out1, err1))
+    with (tmp_path / "node0.log").open("w") as log0:
+        node0 = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "run", str(QUICKSTART), *args],
+                                 stdout=log0, stderr=subprocess.STDOUT, env=env)
+        node1 = None
+        try:
+            run_id = wait_for(lambda: only_run_id(db_url), timeout=120, what="node 0 to create the run")
+            node1 = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "join", run_id, "--node-rank", "1"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            yield run_id, node0, node1, env
+        finally:
+            for proc in (node0, node1):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+
+
+def _run_two_nodes(tmp_path: Path, db_url: str, fault: dict | None = None, sets: tuple[str, ...] = (),
+                   env: dict[str, str] | None = None) -> tuple[str, int, str, int, str]:
+    """Both nodes to the end: (run_id, node 0's exit code and output, node 1's exit code and output)."""
+    with _two_nodes(tmp_path, db_url, fault, sets, env) as (run_id, node0, node1, _env):
+        node0.wait(timeout=400)
+        out1, _ = node1.communicate(timeout=120)
+    return run_id, node0.returncode, (tmp_path / "node0.log").read_text(), node1.returncode, out1
 
 
 @pytest.mark.slow
@@ -359,13 +368,16 @@ def test_two_nodes_train_the_same_adapter_as_two_ranks_on_one(tmp_path, db_url, 
     # Rank 0's gate takes 8 s or more (a check that sleeps to its timeout): node 1 must leave its
     # torchrun alone until node 0's exits.
     slow = "trainpipe_test_checks:sleeps_past_its_timeout"
-    run_id, node0, node1 = _run_two_nodes(tmp_path, db_url, sets=(
+    run_id, code0, out0, code1, out1 = _run_two_nodes(tmp_path, db_url, sets=(
         f"validation.custom_checks=[output_format_valid, no_harmful_content, {slow}]",
-        f"validation.checks.{slow}.timeout_s=8", f"validation.checks.{slow}.severity=warn"))
-    assert node0.returncode == 0, node0.stdout + node0.stderr
-    assert node1.returncode == 0, node1.stdout + node1.stderr
-    assert "sft: attempt 1: node 1's torchrun exited with 0" in node1.stdout, node1.stdout
-    assert f"run {run_id}: succeeded; served 1 attempt(s)" in node1.stdout
+        f"validation.checks.{slow}.timeout_s=8", f"validation.checks.{slow}.severity=warn"),
+        # A short grace: a follower that took node 0's gate for the attempt's end would stop its
+        # torchrun after 2 s, and node 0's torchrun would then wait 300 s at torchrun's exit barrier.
+        env={"TRAINPIPE_TERM_GRACE_S": "4"})
+    assert code0 == 0, out0
+    assert code1 == 0, out1
+    assert "sft: attempt 1: node 1's torchrun exited with 0" in out1, out1
+    assert f"run {run_id}: succeeded; served 1 attempt(s)" in out1
     ledger = Ledger(db_url)
     [attempt] = ledger.attempts(run_id, "sft")
     assert attempt["outcome"] == "passed" and attempt["worker"] == "torchrun"
@@ -384,9 +396,9 @@ def test_a_rank_dying_on_the_other_node_is_retried_from_the_checkpoint(tmp_path,
     """Node 1's rank (global rank 1) is SIGKILLed at step 3: node 0's rank loses its peer, the attempt
     fails as transient, the retry resumes from checkpoint-2, and node 1 serves the retry too."""
     fault = {"stage": "sft", "step": 3, "rank": 1, "action": "sigkill", "once_file": str(tmp_path / "fired")}
-    run_id, node0, node1 = _run_two_nodes(tmp_path, db_url, fault)
-    assert node0.returncode == 0, node0.stdout + node0.stderr
-    assert node1.returncode == 0 and "served 2 attempt(s)" in node1.stdout, node1.stdout + node1.stderr
+    run_id, code0, out0, code1, out1 = _run_two_nodes(tmp_path, db_url, fault)
+    assert code0 == 0, out0
+    assert code1 == 0 and "served 2 attempt(s)" in out1, out1
     attempts = Ledger(db_url).attempts(run_id, "sft")
     assert [(a["outcome"], a["worker"]) for a in attempts] == [("failed", "torchrun"), ("passed", "torchrun")]
     assert attempts[0]["error_kind"] == "transient" and attempts[1]["resumed_from"].endswith("checkpoint-2")
@@ -415,15 +427,8 @@ def test_two_node_run_whose_orchestrator_is_killed_resumes_with_the_same_followe
     """Node 0's `trainpipe run` is SIGKILLed after checkpoint-4: every rank on both nodes stops, the
     follower stays, and `trainpipe resume` on node 0 brings both nodes back from checkpoint-4 to the
     uninterrupted adapter."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAINPIPE_FAULT": json.dumps(
-        {"stage": "sft", "step": 5, "action": "pause", "seconds": 120, "once_file": str(tmp_path / "fired")})}
-    args = [a for s in _two_node_overrides(tmp_path / "out") for a in ("--set", s)]
-    node0 = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "run", str(QUICKSTART), *args],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    run_id = wait_for(lambda: only_run_id(db_url), timeout=120, what="node 0 to create the run")
-    node1 = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "join", run_id, "--node-rank", "1"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
+    fault = {"stage": "sft", "step": 5, "action": "pause", "seconds": 120, "once_file": str(tmp_path / "fired")}
+    with _two_nodes(tmp_path, db_url, fault) as (run_id, node0, node1, env):
         ledger = Ledger(db_url)
         wait_for(lambda: any(c["step"] == 4 for c in ledger.checkpoints(run_id, "sft")), what="checkpoint-4 recorded")
         work = Path(ledger.get_run(run_id)["run_dir"]) / ".work" / "sft"
@@ -435,12 +440,8 @@ def test_two_node_run_whose_orchestrator_is_killed_resumes_with_the_same_followe
 
         resumed = cli("resume", run_id, env=env)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-        out1, err1 = node1.communicate(timeout=120)
-    finally:
-        for proc in (node0, node1):
-            if proc.poll() is None:
-                proc.kill()
-    assert node1.returncode == 0 and f"run {run_id}: succeeded; served 2 attempt(s)" in out1, out1 + err1
+        out1, _ = node1.communicate(timeout=120)
+    assert node1.returncode == 0 and f"run {run_id}: succeeded; served 2 attempt(s)" in out1, out1
     attempts = ledger.attempts(run_id, "sft")
     assert [a["outcome"] for a in attempts] == ["interrupted", "passed"]
     assert attempts[1]["resumed_from"].endswith("checkpoint-4")
@@ -453,15 +454,8 @@ def test_sigterm_on_node_0_stops_the_ranks_of_both_nodes_at_one_step(tmp_path, d
     """SIGTERM to node 0's `trainpipe run`: its torchrun forwards it to rank 0, and rank 1 on node 1
     learns of it through the per-step all-reduce; both save checkpoint-5 and exit, node 1's torchrun
     with 0. The follower waits, and serves the resumed attempt to the uninterrupted adapter."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAINPIPE_FAULT": json.dumps(
-        {"stage": "sft", "step": 5, "action": "pause", "seconds": 8, "once_file": str(tmp_path / "fired")})}
-    args = [a for s in _two_node_overrides(tmp_path / "out") for a in ("--set", s)]
-    node0 = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "run", str(QUICKSTART), *args],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    run_id = wait_for(lambda: only_run_id(db_url), timeout=120, what="node 0 to create the run")
-    node1 = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "join", run_id, "--node-rank", "1"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
+    fault = {"stage": "sft", "step": 5, "action": "pause", "seconds": 8, "once_file": str(tmp_path / "fired")}
+    with _two_nodes(tmp_path, db_url, fault) as (run_id, node0, node1, env):
         wait_for(lambda: (tmp_path / "fired").exists(), what="SFT to reach step 5")
         node0.send_signal(signal.SIGTERM)
         assert node0.wait(timeout=120) == 130
@@ -471,13 +465,9 @@ def test_sigterm_on_node_0_stops_the_ranks_of_both_nodes_at_one_step(tmp_path, d
         assert newest["step"] == 5 and checkpoints.verify(newest["path"], world_size=2) is None
         resumed = cli("resume", run_id, env=env)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-        out1, err1 = node1.communicate(timeout=120)
-    finally:
-        for proc in (node0, node1):
-            if proc.poll() is None:
-                proc.kill()
-    assert "sft: attempt 1: node 1's torchrun exited with 0" in out1, out1 + err1
-    assert node1.returncode == 0 and "served 2 attempt(s)" in out1, out1 + err1
+        out1, _ = node1.communicate(timeout=120)
+    assert "sft: attempt 1: node 1's torchrun exited with 0" in out1, out1
+    assert node1.returncode == 0 and "served 2 attempt(s)" in out1, out1
     attempts = ledger.attempts(run_id, "sft")
     assert [a["outcome"] for a in attempts] == ["interrupted", "passed"]
     assert attempts[1]["resumed_from"].endswith("checkpoint-5")

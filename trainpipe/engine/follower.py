@@ -27,6 +27,7 @@ from trainpipe.errors import TrainpipeError
 from trainpipe.store.reader import LedgerReader
 
 POLL_S = 0.5
+SPEC_WAIT_S = 60.0
 FINISHED_RUN_STATES = {"succeeded", "failed", "rejected", "cancelled"}
 
 
@@ -83,9 +84,14 @@ def _serve(ledger: LedgerReader, run: dict[str, Any], attempt: dict[str, Any], l
     """This node's torchrun for one attempt; its exit code (None if the attempt ended first)."""
     work_dir = Path(run["run_dir"]) / ".work" / attempt["stage"]
     spec_path = work_dir / f"spec-{attempt['attempt']}.json"
-    if not spec_path.is_file():
-        raise TrainpipeError(f"{spec_path} is not visible from this node",
-                             hint="the run dir (output_dir) must be on storage every node shares")
+    # Node 0 opens the attempt's ledger row before it writes the spec, and shared storage may show a
+    # new file late.
+    deadline = time.monotonic() + SPEC_WAIT_S
+    while not spec_path.is_file():
+        if time.monotonic() > deadline:
+            raise TrainpipeError(f"{spec_path} is not visible from this node after {SPEC_WAIT_S:.0f} s",
+                                 hint="the run dir (output_dir) must be on storage every node shares")
+        time.sleep(POLL_S)
     launcher = json.loads(spec_path.read_text(encoding="utf-8"))["config"][attempt["stage"]]["launcher"] or launcher
     log_path = work_dir / f"stage-node{node_rank}.log"
     note(f"{attempt['stage']}: attempt {attempt['attempt']}: starting torchrun for node {node_rank} (log: {log_path})")
