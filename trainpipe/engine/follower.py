@@ -35,7 +35,6 @@ FINISHED_RUN_STATES = {"succeeded", "failed", "rejected", "cancelled"}
 class FollowResult:
     run_state: str
     attempts: list[dict[str, Any]] = field(default_factory=list)  # {stage, attempt, exit_code}
-    exit_code: int = 0
 
 
 def multi_node_stages(config_snapshot: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -49,7 +48,7 @@ def multi_node_stages(config_snapshot: dict[str, Any]) -> dict[str, dict[str, An
 
 
 def follow(ledger: LedgerReader, run_id: str, node_rank: int, *, note: Callable[[str], None] = print,
-           stop_requested: Callable[[], bool] = lambda: False, exit_when_interrupted: bool = False) -> FollowResult:
+           exit_when_interrupted: bool = False) -> FollowResult:
     """Serve the run's multi-node attempts from this node until the run finishes (or, with
     `exit_when_interrupted`, stops being driven). A resumed run is followed on: its new attempts
     are new rows."""
@@ -68,20 +67,20 @@ def follow(ledger: LedgerReader, run_id: str, node_rank: int, *, note: Callable[
     while True:
         state = ledger.get_run(run_id)["state"]
         result.run_state = state
-        if state in FINISHED_RUN_STATES or stop_requested() or (exit_when_interrupted and state == "interrupted"):
+        if state in FINISHED_RUN_STATES or (exit_when_interrupted and state == "interrupted"):
             return result
         for attempt in ledger.attempts(run_id):
             if attempt["outcome"] != "running" or attempt["stage"] not in stages or attempt["id"] in served:
                 continue
             served.add(attempt["id"])
-            code = _serve(ledger, run, attempt, stages[attempt["stage"]], node_rank, note, stop_requested)
+            code = _serve(ledger, run, attempt, stages[attempt["stage"]], node_rank, note)
             result.attempts.append({"stage": attempt["stage"], "attempt": attempt["attempt"], "exit_code": code})
         time.sleep(POLL_S)
 
 
 def _serve(ledger: LedgerReader, run: dict[str, Any], attempt: dict[str, Any], launcher: dict[str, Any],
-           node_rank: int, note: Callable[[str], None], stop_requested: Callable[[], bool]) -> int | None:
-    """This node's torchrun for one attempt; its exit code (None if the attempt ended first)."""
+           node_rank: int, note: Callable[[str], None]) -> int:
+    """This node's torchrun for one attempt, to its end; its exit code (negative: killed by that signal)."""
     work_dir = Path(run["run_dir"]) / ".work" / attempt["stage"]
     spec_path = work_dir / f"spec-{attempt['attempt']}.json"
     # Node 0 opens the attempt's ledger row before it writes the spec, and shared storage may show a
@@ -99,7 +98,7 @@ def _serve(ledger: LedgerReader, run: dict[str, Any], attempt: dict[str, Any], l
     ended_at: float | None = None
     term_sent = False
     while (code := proc.poll()) is None:
-        if ended_at is None and (stop_requested() or _attempt_closed(ledger, run["run_id"], attempt["id"])):
+        if ended_at is None and _attempt_closed(ledger, run["run_id"], attempt["id"]):
             ended_at = time.monotonic()
         if ended_at is not None:
             # Node 0 stopped this attempt: its ranks are gone or going, and ours would wait for them.
