@@ -38,6 +38,16 @@ def adapter(run_dir: str | Path) -> dict:
     return load_weights(Path(run_dir) / "sft" / "adapter_model.safetensors")
 
 
+def assert_resumed_to_reference(ledger: Ledger, run_id: str, outcomes: list[str], step: int,
+                                reference: dict) -> None:
+    """The run's SFT attempts ended as `outcomes`, the last one resumed from checkpoint-`step`, and
+    the final adapter equals the uninterrupted reference's, tensor for tensor."""
+    attempts = ledger.attempts(run_id, "sft")
+    assert [a["outcome"] for a in attempts] == outcomes
+    assert attempts[-1]["resumed_from"].endswith(f"checkpoint-{step}")
+    assert_same_adapter(reference, adapter(ledger.get_run(run_id)["run_dir"]))
+
+
 def assert_same_adapter(a: dict, b: dict) -> None:
     import torch
 
@@ -205,10 +215,7 @@ def test_sigterm_reaches_every_rank_which_checkpoint_and_stop_then_resume_identi
 
     resumed = cli("resume", run_id)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    attempts = ledger.attempts(run_id, "sft")
-    assert [a["outcome"] for a in attempts] == ["interrupted", "passed"]
-    assert attempts[1]["resumed_from"].endswith("checkpoint-5")
-    assert_same_adapter(ddp_reference[2], adapter(ledger.get_run(run_id)["run_dir"]))
+    assert_resumed_to_reference(ledger, run_id, ["interrupted", "passed"], 5, ddp_reference[2])
 
 
 @pytest.mark.slow
@@ -442,18 +449,15 @@ def test_two_node_run_whose_orchestrator_is_killed_resumes_with_the_same_followe
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         out1, _ = node1.communicate(timeout=120)
     assert node1.returncode == 0 and f"run {run_id}: succeeded; served 2 attempt(s)" in out1, out1
-    attempts = ledger.attempts(run_id, "sft")
-    assert [a["outcome"] for a in attempts] == ["interrupted", "passed"]
-    assert attempts[1]["resumed_from"].endswith("checkpoint-4")
-    assert_same_adapter(ddp_reference[2], adapter(ledger.get_run(run_id)["run_dir"]))
+    assert_resumed_to_reference(ledger, run_id, ["interrupted", "passed"], 4, ddp_reference[2])
 
 
 @pytest.mark.slow
 @pytest.mark.extended
 def test_sigterm_on_node_0_stops_the_ranks_of_both_nodes_at_one_step(tmp_path, db_url, ddp_reference):
     """SIGTERM to node 0's `trainpipe run`: its torchrun forwards it to rank 0, and rank 1 on node 1
-    learns of it through the per-step all-reduce; both save checkpoint-5 and exit, node 1's torchrun
-    with 0. The follower waits, and serves the resumed attempt to the uninterrupted adapter."""
+    learns of it through the per-step all-reduce; both save checkpoint-5 and exit. The follower waits,
+    and serves the resumed attempt to the uninterrupted adapter."""
     fault = {"stage": "sft", "step": 5, "action": "pause", "seconds": 8, "once_file": str(tmp_path / "fired")}
     with _two_nodes(tmp_path, db_url, fault) as (run_id, node0, node1, env):
         wait_for(lambda: (tmp_path / "fired").exists(), what="SFT to reach step 5")
@@ -466,9 +470,7 @@ def test_sigterm_on_node_0_stops_the_ranks_of_both_nodes_at_one_step(tmp_path, d
         resumed = cli("resume", run_id, env=env)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         out1, _ = node1.communicate(timeout=120)
-    assert "sft: attempt 1: node 1's torchrun exited with 0" in out1, out1
+    # Node 1's torchrun may exit non-zero here even though its rank stopped cleanly: node 0's torchrun,
+    # SIGTERMed, leaves without torchrun's exit barrier, which node 1's then reports as an error.
     assert node1.returncode == 0 and "served 2 attempt(s)" in out1, out1
-    attempts = ledger.attempts(run_id, "sft")
-    assert [a["outcome"] for a in attempts] == ["interrupted", "passed"]
-    assert attempts[1]["resumed_from"].endswith("checkpoint-5")
-    assert_same_adapter(ddp_reference[2], adapter(ledger.get_run(run_id)["run_dir"]))
+    assert_resumed_to_reference(ledger, run_id, ["interrupted", "passed"], 5, ddp_reference[2])
