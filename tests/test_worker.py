@@ -100,3 +100,99 @@ def test_sigkilled_orchestrator_takes_the_worker_and_the_stage_down(tmp_path: Pa
 
     wait_for(lambda: not pid_alive(worker_pid) and not pid_alive(stage_pid), timeout=30,
              what="the worker and the stage to die with the orchestrator")
+
+
+# The worker's imports as on a GPU machine: torch believes one GPU is there and records who asks it to
+# initialise CUDA. The throwaway interpreter that answers the capability query is told to say (9, 0).
+_PRELOAD_AS_ON_A_GPU = """
+import contextlib, json, sys, traceback
+import torch
+
+callers = []
+def lazy_init():
+    callers.append("".join(traceback.format_stack(limit=8)))
+    raise RuntimeError("CUDA initialised")
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+torch.cuda._lazy_init = lazy_init
+torch._C._cuda_getCurrentRawStream = lambda index: 0  # bitsandbytes' CUDA ops take it at import
+real = torch.cuda.get_device_capability
+
+from trainpipe.stages import zygote
+zygote.CAPABILITY_QUERY = "print('[[9, 0]]')"
+if sys.argv[1] == "without-the-answer":
+    zygote._capability_answered_elsewhere = lambda torch: contextlib.nullcontext()
+zygote.preload()
+import bitsandbytes.cextension
+print(json.dumps({"callers": callers, "restored": torch.cuda.get_device_capability is real,
+                  "nvml_check": zygote.os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"),
+                  "backend": bitsandbytes.cextension.BNB_BACKEND}))
+"""
+
+
+def _preload_as_on_a_gpu(mode: str) -> dict:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
+    done = subprocess.run([sys.executable, "-c", _PRELOAD_AS_ON_A_GPU, mode], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_worker_imports_never_initialise_cuda_on_a_gpu_machine() -> None:
+    """bitsandbytes asks every GPU's compute capability at import; answered here, the worker can fork."""
+    unanswered = _preload_as_on_a_gpu("without-the-answer")
+    assert len(unanswered["callers"]) == 1 and "bitsandbytes" in unanswered["callers"][0], unanswered
+
+    answered = _preload_as_on_a_gpu("answered")
+
+    assert answered["callers"] == [], "nothing else in the preload initialises CUDA"
+    assert answered["backend"] == "CUDA", "bitsandbytes still saw a GPU"
+    assert answered["restored"], "the stage child gets torch's own get_device_capability"
+    assert answered["nvml_check"] == "1", "is_available() must not initialise the driver either"
+
+
+_FAKE_DRIVER = """
+static int initialised = 0;
+int cuInit(unsigned int flags) { initialised = 1; return 0; }
+int cuDeviceGetCount(int *count) { if (!initialised) return 3; *count = 1; return 0; }
+"""
+
+_PROBE_THE_DRIVER = """
+import ctypes, json, sys
+from trainpipe.stages import zygote
+seen = {"not_loaded": zygote.cuda_driver_initialised()}
+driver = ctypes.CDLL(sys.argv[1])
+seen["loaded"] = zygote.cuda_driver_initialised()
+driver.cuInit(0)
+seen["after_cuInit"] = zygote.cuda_driver_initialised()
+seen["reason"] = zygote.fork_unsafe_reason()
+print(json.dumps(seen))
+"""
+
+
+def test_worker_refuses_to_fork_once_the_cuda_driver_is_initialised(tmp_path: Path) -> None:
+    """cudaGetDeviceCount (a plain is_available()) calls cuInit without torch knowing; the worker asks
+    the driver. A stand-in libcuda.so.1 with the driver's contract: NOT_INITIALIZED (3) before cuInit."""
+    import shutil
+    import subprocess
+    import sys
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the stand-in libcuda.so.1")
+    (tmp_path / "driver.c").write_text(_FAKE_DRIVER)
+    library = tmp_path / "libcuda.so.1"
+    subprocess.run([compiler, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(library),
+                    str(tmp_path / "driver.c")], check=True)
+
+    done = subprocess.run([sys.executable, "-c", _PROBE_THE_DRIVER, str(library)], capture_output=True,
+                          text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["not_loaded"] is False and seen["loaded"] is False
+    assert seen["after_cuInit"] is True
+    assert "CUDA driver is initialised" in seen["reason"]

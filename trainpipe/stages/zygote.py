@@ -18,9 +18,11 @@ Why each property of a stage process still holds:
 - dying with the orchestrator: this worker has PR_SET_PDEATHSIG tied to the orchestrator (set by the
   supervisor), and each child has it tied to this worker, so a SIGKILLed `trainpipe run` takes both
   down. A child that finds this worker already gone exits at once (the prctl race);
-- CUDA: a forked child cannot use a CUDA context its parent created. This worker never touches CUDA,
-  and it checks `torch.cuda.is_initialized()` before each fork and refuses if it is (the orchestrator
-  then starts a fresh interpreter and records `spawn`);
+- CUDA: a forked child cannot use CUDA once its parent has initialised the driver (cuInit). This
+  worker never touches CUDA: torch's availability checks go through NVML, and the one import that asks
+  a GPU something (bitsandbytes: every GPU's compute capability) is answered by a throwaway
+  interpreter. Before each fork it checks both `torch.cuda.is_initialized()` and the driver itself,
+  and refuses if either is live (the orchestrator then starts a fresh interpreter and records `spawn`);
 - OpenMP: GNU OpenMP's thread pool does not survive a fork once it has run a parallel region, so this
   process runs no torch op at all; each child starts its own pool (and reads its thread count) on its
   first op. `OMP_NUM_THREADS` is read when the library loads, so it must be set before `trainpipe run`.
@@ -28,6 +30,8 @@ Why each property of a stage process still holds:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import importlib
 import io
@@ -35,9 +39,11 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 # What the stages and gates import, attribute by attribute: transformers, trl and peft load their
@@ -60,17 +66,91 @@ PRELOAD: dict[str, tuple[str, ...]] = {
 }
 
 
+# Run by a throwaway interpreter, which may initialise CUDA since nothing forks from it.
+CAPABILITY_QUERY = ("import json, torch; print(json.dumps([torch.cuda.get_device_capability(i) "
+                    "for i in range(torch.cuda.device_count())]))")
+CAPABILITY_QUERY_TIMEOUT_S = 120
+CUDA_ERROR_NOT_INITIALIZED = 3
+
+
 def preload() -> None:
-    for module_name, attributes in PRELOAD.items():
-        module = importlib.import_module(module_name)
-        for attribute in attributes:
-            getattr(module, attribute)
+    # A plain torch.cuda.is_available() calls cudaGetDeviceCount, which initialises the driver and
+    # leaves a forked child without CUDA (torch docs, "poison fork"); the NVML-based check does not.
+    # transformers, peft and bitsandbytes all ask it at import time.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    with _capability_answered_elsewhere(torch):
+        for module_name, attributes in PRELOAD.items():
+            module = importlib.import_module(module_name)
+            for attribute in attributes:
+                getattr(module, attribute)
+
+
+@contextlib.contextmanager
+def _capability_answered_elsewhere(torch: Any) -> Iterator[None]:
+    """While the imports run, torch.cuda.get_device_capability(i) is answered by another interpreter.
+
+    bitsandbytes asks every GPU's compute capability when it is imported (to pick its CUDA library),
+    and torch initialises CUDA to answer. The query starts now, so it runs beside the imports; if it
+    fails, the real function answers, CUDA is initialised here, and every attempt is spawned instead
+    (fork_unsafe_reason says why)."""
+    if torch.cuda.device_count() == 0:  # also a CPU-only build of torch
+        yield
+        return
+    query = subprocess.Popen([sys.executable, "-c", CAPABILITY_QUERY], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+    real = torch.cuda.get_device_capability
+    answers: list[tuple[int, int]] | None = None
+
+    def answered(device: Any = None) -> tuple[int, int]:
+        nonlocal answers
+        if answers is None:
+            answers = _read_capabilities(query)
+        index = device.idx if isinstance(device, torch.cuda.device) else device
+        if isinstance(index, int) and 0 <= index < len(answers):
+            return answers[index]
+        return real(device)  # the current device (None) or an unexpected one: only torch knows
+
+    torch.cuda.get_device_capability = answered
+    try:
+        yield
+    finally:
+        torch.cuda.get_device_capability = real
+        if query.poll() is None:
+            query.kill()
+        query.wait()
+
+
+def _read_capabilities(query: subprocess.Popen) -> list[tuple[int, int]]:
+    try:
+        out, _ = query.communicate(timeout=CAPABILITY_QUERY_TIMEOUT_S)
+        if query.returncode == 0:
+            return [(int(major), int(minor)) for major, minor in json.loads(out.strip().splitlines()[-1])]
+    except (subprocess.TimeoutExpired, ValueError, IndexError, TypeError):
+        pass
+    return []
+
+
+def cuda_driver_initialised() -> bool:
+    """Whether this process has called cuInit, by any route: torch.cuda.is_initialized() only knows
+    torch's own lazy init. Before cuInit the driver answers every call with CUDA_ERROR_NOT_INITIALIZED,
+    and asking it so does not initialise it."""
+    try:
+        # RTLD_NOLOAD: only a libcuda this process already loaded; none loaded means no cuInit.
+        driver = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        return False
+    count = ctypes.c_int()
+    return driver.cuDeviceGetCount(ctypes.byref(count)) != CUDA_ERROR_NOT_INITIALIZED
 
 
 def fork_unsafe_reason() -> str | None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         return "CUDA is initialised in the pre-imported worker, and a forked child could not use it"
+    if cuda_driver_initialised():
+        return "the CUDA driver is initialised in the pre-imported worker, and a forked child could not use it"
     if '"refuse_fork"' in os.environ.get("TRAINPIPE_FAULT", ""):
         return "refused by TRAINPIPE_FAULT (test hook standing in for an initialised CUDA)"
     return None
@@ -81,8 +161,6 @@ def _send(channel: socket.socket, message: dict[str, Any]) -> None:
 
 
 def _die_with(parent_pid: int) -> None:
-    import ctypes
-
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
