@@ -83,6 +83,15 @@ def any_rank(flag: bool) -> bool:
 # itself is gone by the time they are written.
 SEEN: dict[str, str] = {}
 
+# Every group finish() left, kept referenced until the process ends with os._exit (stages/worker.py,
+# stages/zygote.py), so that its destructor never runs. Freeing a gloo group can deadlock: its
+# destructor joins gloo's worker thread while holding the GIL, and that thread may still need the
+# GIL to drop the tensors of the last collective (pytorch/pytorch#75097, #56297). The last reference
+# is DDP's Reducer inside the trainer, freed wherever the trainer goes: a rank then never exits, and
+# every node's torchrun waits for it (seen in ~1 of 20 two-node runs; py-spy: ~ProcessGroupGloo in
+# std::thread::join on the main thread, gloo's runLoop in decref_pyobject waiting for the GIL).
+KEPT_GROUPS: list[object] = []
+
 
 def finish() -> None:
     """After training: wait for every rank, then leave the process group, so that rank 0's gate (which
@@ -92,4 +101,5 @@ def finish() -> None:
 
         SEEN["backend"] = str(dist.get_backend())
         dist.barrier()
+        KEPT_GROUPS.append(dist.group.WORLD)
         dist.destroy_process_group()

@@ -159,4 +159,10 @@ def _tamper_output_if_asked(fault: dict[str, Any], output_path: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    exit_code = main(sys.argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # No interpreter teardown, as in an attempt forked from the pre-imported worker: it would free the
+    # process group that distributed.finish() keeps, and that can deadlock (see KEPT_GROUPS there).
+    # Everything the orchestrator reads (result, events, checkpoints) is on disk by now.
+    os._exit(exit_code)
