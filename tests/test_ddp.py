@@ -128,6 +128,47 @@ def test_torchrun_command(tmp_path):
     assert "--rdzv_backend c10d --rdzv_endpoint h:1234" in " ".join(one)
 
 
+# The end of a stage log as torchrun 2.13 wrote it when rank 1 was SIGKILLed and rank 0 then exited 1:
+# both observed in the same second, and torchrun named rank 0 the root cause.
+_TORCHRUN_SUMMARY = """\
+============================================================
+trainpipe.stages.worker FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-12-01_14:38:01
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 13677)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 13677
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-01_14:38:01
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : {root_code} (pid: 13676) {root_signal}
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================
+"""
+
+
+def test_root_cause_is_the_rank_a_signal_ended_not_the_peer_that_lost_it(tmp_path):
+    from trainpipe.engine.supervisor import _root_cause
+
+    log = tmp_path / "stage.log"
+    log.write_text("an earlier attempt's summary:\n" + _TORCHRUN_SUMMARY.replace("-9 (pid", "1 (pid").replace(
+        "(SIGKILL)\n  error", "\n  error").format(root_code=-15, root_signal="(SIGTERM)") + "training...\n"
+        + _TORCHRUN_SUMMARY.format(root_code=1, root_signal=""))
+    assert _root_cause(log) == " (rank 1, exit code -9, SIGKILL)"
+    log.write_text(_TORCHRUN_SUMMARY.replace("-9 (pid", "1 (pid").format(root_code=1, root_signal=""))
+    assert _root_cause(log) == " (rank 0, exit code 1)", "no rank was signalled: torchrun's own pick"
+    log.write_text("no summary at all\n")
+    assert _root_cause(log) == ""
+
+
 def test_checkpoint_without_every_rank_rng_state_is_refused(tmp_path):
     ckpt = tmp_path / "checkpoint-2"
     ckpt.mkdir()

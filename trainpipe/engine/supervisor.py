@@ -436,8 +436,12 @@ def _torchrun_result(rank0: dict[str, Any], result_path: Path, code: int | None,
 
 
 def _root_cause(log_path: Path) -> str:
-    """torchrun's own summary of the first rank that failed, from the end of the stage log:
-    ' (rank 1, exit code -9, SIGKILL)', or '' if it printed none."""
+    """The rank that failed first, from torchrun's summary at the end of the stage log:
+    ' (rank 1, exit code -9, SIGKILL)', or '' if it printed none.
+
+    torchrun's "Root Cause" is the failure with the earliest timestamp, in whole seconds: a rank that
+    was killed and the peer that then exited with an error usually tie, and torchrun names either. A
+    rank ended by a signal is the cause here (its peers only lost it), so it wins over torchrun's pick."""
     import re
 
     try:
@@ -446,11 +450,19 @@ def _root_cause(log_path: Path) -> str:
             tail = handle.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    found = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG\w+)\))?\s*$",
-                      tail, re.DOTALL | re.MULTILINE)
-    if not found:
+    root_at = tail.rfind("Root Cause")
+    if root_at < 0:
         return ""
-    rank, exit_code, sig = found.groups()
+    # torchrun prints "Failures:" (the other ranks), then "Root Cause", once per failed run.
+    failures_at = tail.rfind("Failures:", 0, root_at)
+    entry = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG\w+)\))?[ \t]*$",
+                       re.DOTALL | re.MULTILINE)
+    root = entry.search(tail, root_at)
+    if not root:
+        return ""
+    signalled = [m for m in entry.finditer(tail, failures_at if failures_at >= 0 else root_at)
+                 if int(m.group(2)) < 0]
+    rank, exit_code, sig = min(signalled, key=lambda m: int(m.group(1))).groups() if signalled else root.groups()
     return f" (rank {rank}, exit code {exit_code}{', ' + sig if sig else ''})"
 
 
