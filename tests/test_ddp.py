@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -32,6 +33,12 @@ def ddp_overrides(output_dir: Path) -> list[str]:
     so the generation checks run on rank 0 after training."""
     return resume_overrides(output_dir) + ["sft.max_steps=8", "stages.merge.enabled=false",
                                            "stages.dpo.enabled=false", *LAUNCHER]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def adapter(run_dir: str | Path) -> dict:
@@ -366,12 +373,12 @@ def _stage_processes(work_dir: Path) -> list[int]:
 # One rank of two. Each round is what a rank does at the end of a stage: a DDP model, a collective whose
 # tensors gloo's worker thread may still be dropping, distributed.finish(), then the model freed.
 _FINISH_ROUNDS = """
-import os, sys, time
+import datetime, os, sys, time
 os.environ["WORLD_SIZE"] = "2"
 import torch, torch.distributed as dist
 from trainpipe.stages import distributed
 rank, port, rounds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=__import__("datetime").timedelta(seconds=30))
+store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=datetime.timedelta(seconds=30))
 for i in range(rounds):
     dist.init_process_group("gloo", store=dist.PrefixStore(f"round{i}", store), rank=rank, world_size=2)
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
@@ -390,11 +397,7 @@ def test_leaving_the_process_group_cannot_deadlock(tmp_path):
     """Freeing a gloo group after a collective can deadlock (its destructor joins gloo's thread while
     holding the GIL that thread needs); finish() keeps the group. Without that, these rounds hung
     within 50 rounds in 4 of 4 tries on 2 cores, with the stacks of the stuck two-node rank."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     ranks = [subprocess.Popen([sys.executable, "-c", _FINISH_ROUNDS, str(rank), str(port), "150"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     try:
@@ -410,11 +413,7 @@ def test_leaving_the_process_group_cannot_deadlock(tmp_path):
 
 def _two_node_overrides(output_dir: Path) -> list[str]:
     """The 2-rank reference again, as 1 rank on each of 2 "nodes" that meet at a loopback port."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     return resume_overrides(output_dir) + [
         "sft.max_steps=8", "stages.merge.enabled=false", "stages.dpo.enabled=false",
         "sft.launcher.type=torchrun", "sft.launcher.nproc_per_node=1", "sft.launcher.nnodes=2",

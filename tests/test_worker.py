@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,9 +134,6 @@ print(json.dumps({"callers": callers, "restored": torch.cuda.get_device_capabili
 
 
 def _preload_as_on_a_gpu(mode: str) -> dict:
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
     done = subprocess.run([sys.executable, "-c", _PRELOAD_AS_ON_A_GPU, mode], capture_output=True,
                           text=True, timeout=300, env=env)
@@ -176,10 +176,6 @@ print(json.dumps(seen))
 def test_worker_refuses_to_fork_once_the_cuda_driver_is_initialised(tmp_path: Path) -> None:
     """cudaGetDeviceCount (a plain is_available()) calls cuInit without torch knowing; the worker asks
     the driver. A stand-in libcuda.so.1 with the driver's contract: NOT_INITIALIZED (3) before cuInit."""
-    import shutil
-    import subprocess
-    import sys
-
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         pytest.skip("no C compiler to build the stand-in libcuda.so.1")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainpipe.engine.supervisor import TERM_GRACE_S, _Torchrun
+from trainpipe.engine.supervisor import TERM_GRACE_S, Torchrun
 from trainpipe.errors import TrainpipeError
 from trainpipe.store.reader import LedgerReader
 
@@ -94,7 +94,7 @@ def _serve(ledger: LedgerReader, run: dict[str, Any], attempt: dict[str, Any], l
     launcher = json.loads(spec_path.read_text(encoding="utf-8"))["config"][attempt["stage"]]["launcher"] or launcher
     log_path = work_dir / f"stage-node{node_rank}.log"
     note(f"{attempt['stage']}: attempt {attempt['attempt']}: starting torchrun for node {node_rank} (log: {log_path})")
-    proc = _Torchrun(launcher, spec_path, log_path, {**os.environ, "PYTHONUNBUFFERED": "1"}, node_rank=node_rank)
+    proc = Torchrun(launcher, spec_path, log_path, {**os.environ, "PYTHONUNBUFFERED": "1"}, node_rank=node_rank)
     ended_at: float | None = None
     term_sent = False
     while (code := proc.poll()) is None:

@@ -150,7 +150,7 @@ def torchrun_command(launcher: dict[str, Any], spec_path: Path, node_rank: int =
     return command + ["-m", "trainpipe.stages.worker", str(spec_path)]
 
 
-class _Torchrun(_Spawned):
+class Torchrun(_Spawned):
     """torchrun and its ranks. torchrun is the process group leader here; it starts each rank in a
     session of its own and forwards SIGTERM/SIGINT to them (then SIGKILL after its 30 s), and each
     rank dies with torchrun (stages/distributed.py: die_with_launcher). So signalling this group
@@ -362,7 +362,7 @@ def run_child(spec_path: Path, *, events_path: Path, result_path: Path, log_path
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
     if launcher:
-        proc: StageProcess = _Torchrun(launcher, spec_path, log_path, env)
+        proc: StageProcess = Torchrun(launcher, spec_path, log_path, env)
     else:
         proc = (workers or StageWorkers(log_path, mode="spawn")).start(spec_path, log_path, env)
     reported_pid = False
@@ -457,11 +457,11 @@ def _root_cause(log_path: Path) -> str:
     failures_at = tail.rfind("Failures:", 0, root_at)
     entry = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG\w+)\))?[ \t]*$",
                        re.DOTALL | re.MULTILINE)
-    root = entry.search(tail, root_at)
-    if not root:
+    entries = list(entry.finditer(tail, failures_at if failures_at >= 0 else root_at))
+    root = next((m for m in entries if m.start() > root_at), None)
+    if root is None:
         return ""
-    signalled = [m for m in entry.finditer(tail, failures_at if failures_at >= 0 else root_at)
-                 if int(m.group(2)) < 0]
+    signalled = [m for m in entries if int(m.group(2)) < 0]
     rank, exit_code, sig = min(signalled, key=lambda m: int(m.group(1))).groups() if signalled else root.groups()
     return f" (rank {rank}, exit code {exit_code}{', ' + sig if sig else ''})"
 
