@@ -20,7 +20,7 @@ def main(out_dir: str, overrides: list[str]) -> None:
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from trainpipe.config import load_config
-    from trainpipe.stages.data import to_hf_dataset
+    from trainpipe.stages.data import training_dataset
     from trainpipe.stages.tiny_model import ensure_tiny_model
 
     if os.environ.get("PLAIN_GC_FREEZE") == "1":
@@ -57,8 +57,7 @@ def main(out_dir: str, overrides: list[str]) -> None:
     sft = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                      args=SFTConfig(**common(config.sft, "sft"), completion_only_loss=config.sft.completion_only_loss),
                      processing_class=tokenizer,
-                     train_dataset=to_hf_dataset(config.datasets.sft, "sft",
-                                                 completion_only=config.sft.completion_only_loss),
+                     train_dataset=training_dataset(config, "sft", completion_only=config.sft.completion_only_loss),
                      peft_config=lora(config.sft))
     runtimes = {"sft": sft.train().metrics["train_runtime"]}
     sft.model.save_pretrained(out / "sft-adapter")
@@ -72,7 +71,7 @@ def main(out_dir: str, overrides: list[str]) -> None:
 
     dpo = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32),
                      args=DPOConfig(**common(config.dpo, "dpo"), beta=config.dpo.beta), processing_class=tokenizer,
-                     train_dataset=to_hf_dataset(config.datasets.preference, "preference"),
+                     train_dataset=training_dataset(config, "preference"),
                      peft_config=lora(config.dpo))
     runtimes["dpo"] = dpo.train().metrics["train_runtime"]
     dpo.model.save_pretrained(out / "dpo-adapter")

@@ -82,9 +82,9 @@ def test_lesson_paths_become_absolute(lesson_dir: Path) -> None:
     config = load()
     root = lesson_dir.resolve()
 
-    assert Path(config.datasets.sft).is_absolute()
-    assert Path(config.datasets.sft) == root / "sft.jsonl"
-    assert Path(config.datasets.preference) == root / "preference.jsonl"
+    assert Path(config.datasets.sft.path).is_absolute()
+    assert Path(config.datasets.sft.path) == root / "sft.jsonl"
+    assert Path(config.datasets.preference.path) == root / "preference.jsonl"
     assert Path(config.output_dir) == root / "artifacts"
     assert Path(config.stage("sft").config_path) == root / "configs" / "sft_config.yaml"
     assert Path(config.stage("dpo").config_path) == root / "configs" / "dpo_config.yaml"
@@ -409,10 +409,10 @@ def test_quickstart_loads_from_any_cwd(tmp_path: Path, monkeypatch: pytest.Monke
     examples = (REPO_ROOT / "examples" / "task_api").resolve()
     assert config.pipeline_id == "quickstart"
     assert config.base_model == "builtin:tiny-qwen2"
-    assert Path(config.datasets.sft) == examples / "sft.jsonl"
-    assert Path(config.datasets.preference) == examples / "preference.jsonl"
-    assert Path(config.datasets.eval) == examples / "eval.jsonl"
-    assert all(Path(p).is_file() for p in (config.datasets.sft, config.datasets.preference, config.datasets.eval))
+    assert Path(config.datasets.sft.path) == examples / "sft.jsonl"
+    assert Path(config.datasets.preference.path) == examples / "preference.jsonl"
+    assert Path(config.datasets.eval.path) == examples / "eval.jsonl"
+    assert all(Path(p).is_file() for p in (config.datasets.sft.path, config.datasets.preference.path, config.datasets.eval.path))
     assert Path(config.output_dir) == tmp_path.resolve() / "artifacts" / "quickstart"
     # inline blocks, no config_path files
     assert config.sft.lora_r == 8
@@ -425,4 +425,4 @@ def test_quickstart_with_explicit_cwd(tmp_path: Path) -> None:
     config = load_config(QUICKSTART, cwd=tmp_path, overrides=["output_dir=out"])
 
     assert Path(config.output_dir) == tmp_path.resolve() / "out"
-    assert Path(config.datasets.sft).is_file()
+    assert Path(config.datasets.sft.path).is_file()

@@ -144,12 +144,12 @@ def test_messages_without_assistant_turn(tmp_path: Path) -> None:
     ({"prompt": "  ", "completion": "b"}, "field 'prompt' is empty"),
     ({"text": 5}, "field 'text' must be a string"),
     ({"text": ["a"]}, "field 'text' must be a string"),
-    ({"input": "a", "output": "b"}, "missing field 'messages' (or 'prompt'/'completion', or 'text')"),
+    ({"input": "a", "output": "b"}, "no known row format in columns ['input', 'output']"),
 ])
 def test_bad_sft_rows(tmp_path: Path, row: dict, expected: str) -> None:
     path = jsonl(tmp_path / "sft.jsonl", [CHAT, row])
 
-    assert dataset_error(path, "sft") == f"{path}:2: {expected}"
+    assert dataset_error(path, "sft").startswith(f"{path}:2: {expected}")
 
 
 @pytest.mark.parametrize(("row", "expected"), [
@@ -195,7 +195,10 @@ def test_default_eval_split_is_held_out_of_sft_and_deterministic():
     from conftest import QUICKSTART
 
     from trainpipe.config import load_config
-    from trainpipe.stages.data import eval_rows, sft_rows
+    from trainpipe.stages.data import eval_rows, training_dataset
+
+    def sft_rows(config):
+        return training_dataset(config, "sft").to_list()
 
     config = load_config(QUICKSTART, overrides=["datasets.eval=null", "validation.eval_split=0.1"])
     trained, held_out = sft_rows(config), eval_rows(config)

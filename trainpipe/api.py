@@ -35,6 +35,17 @@ def run(config: str | os.PathLike[str], *, overrides: list[str] | None = None, s
                         from_stage=from_stage)
 
 
+def data_preview(config: str | os.PathLike[str], *, overrides: list[str] | None = None,
+                 sft_dataset: str | None = None, preference_dataset: str | None = None) -> list[dict]:
+    """What each stage of the config would train on: source, format, rows, and the first example's
+    tokens with the ones that carry loss marked. Checks every row; writes nothing."""
+    from trainpipe.config import load_config
+    from trainpipe.stages.preview import preview
+
+    return preview(load_config(config, overrides=overrides, sft_dataset=sft_dataset,
+                               preference_dataset=preference_dataset))
+
+
 def resume(run_id: str, *, db: str | None = None, ledger: Ledger | None = None,
            observer: Observer | None = None, force: bool = False) -> RunResult:
     """Continue an interrupted or failed run from its first stage that has not passed. A change of

@@ -161,6 +161,11 @@ class ValidationConfig(_Strict):
     # trainpipe extensions
     eval_split: float = Field(0.1, ge=0, lt=1, description="Share of SFT rows held out for gate 3 when "
                               "datasets.eval is not set; those rows are not trained on.")
+    preference_eval_split: float = Field(0.0, ge=0, lt=1, description="Share of preference pairs held out "
+                                         "for gate 3's alignment check when datasets.preference_eval is not "
+                                         "set; those pairs are not trained on.")
+    max_eval_rows: int = Field(200, ge=1, description="At most this many held-out rows (a deterministic "
+                               "sample) feed the generation checks and gate 2's prompts.")
     format_threshold: float = Field(0.8, ge=0, le=1, description="Gate 3: share of held-out outputs that "
                                     "must parse as a JSON object with the expected keys.")
     format_required_keys: list[str] = Field(default_factory=list, description="Expected keys for eval rows "
@@ -232,10 +237,68 @@ def _importable_check(dotted: str) -> str | None:
     return None
 
 
+# The row shapes each dataset role accepts; the table that detects and converts them is
+# stages/formats.py (kept in step by tests/test_formats.py).
+FORMAT_NAMES = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text",
+                "preference", "preference_implicit")
+HUB_PREFIX = "hub:"
+
+
+class DatasetSource(_Strict):
+    """Where a dataset comes from and how its rows map onto trainpipe's shapes. In YAML either a string
+    (a local path or glob, or `hub:ORG/NAME[:SPLIT]`) or a mapping with these keys."""
+
+    path: str | None = Field(None, description="A local file (JSONL, JSON, parquet, CSV, Arrow), a folder of "
+                             "such files or a `save_to_disk` folder, or a glob; relative to the working "
+                             "directory, else to the config file.")
+    hub: str | None = Field(None, description="A Hugging Face Hub dataset id, e.g. trl-lib/Capybara. Read from "
+                            "the local Hugging Face cache when offline (HF_HUB_OFFLINE=1).")
+    subset: str | None = Field(None, description="The Hub dataset's configuration (subset) name.")
+    split: str | None = Field(None, description="The split to read; default `train`.")
+    revision: str | None = Field(None, description="Hub branch, tag or commit; default main.")
+    format: Literal[FORMAT_NAMES] = Field(  # type: ignore[valid-type]
+        "auto", description="Row shape; `auto` detects it from the columns (stages/formats.py).")
+    columns: dict[str, str] = Field(default_factory=dict, description="trainpipe's column name -> yours, e.g. "
+                                    "{messages: dialog, chosen: better}.")
+    roles: dict[str, str] = Field(default_factory=dict, description="Your role tags -> system/user/assistant/"
+                                  "tool, e.g. {human: user, bot: assistant}.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value.startswith(HUB_PREFIX):
+            repo, _, split = value[len(HUB_PREFIX):].partition(":")
+            return {"hub": repo, "split": split or None}
+        return {"path": value}
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> DatasetSource:
+        if bool(self.path) == bool(self.hub):
+            raise ValueError("set exactly one of 'path' (a local file, folder or glob) and 'hub' (a Hub dataset id)")
+        if self.hub and not re.match(r"^[\w.-]+(/[\w.-]+)?$", self.hub):
+            raise ValueError(f"hub: '{self.hub}' is not a Hub dataset id (ORG/NAME)")
+        for role in self.roles.values():
+            if role not in ("system", "user", "assistant", "tool"):
+                raise ValueError(f"roles: '{role}' is not one of system, user, assistant, tool")
+        return self
+
+    def label(self) -> str:
+        """How messages name this source."""
+        if self.hub:
+            extra = "".join(f" {k}={v}" for k, v in (("subset", self.subset), ("split", self.split),
+                                                      ("revision", self.revision)) if v)
+            return f"hub dataset '{self.hub}'{extra}"
+        return str(self.path)
+
+
 class DatasetPaths(_Strict):
-    sft: str | None = None
-    preference: str | None = None
-    eval: str | None = None
+    sft: DatasetSource | None = None
+    preference: DatasetSource | None = None
+    eval: DatasetSource | None = Field(None, description="Held-out chat rows for the generation checks.")
+    preference_eval: DatasetSource | None = Field(
+        None, description="Held-out preference pairs: gate 3 measures DPO reward accuracy and margin on them.")
 
 
 class PipelineConfig(_Strict):
@@ -331,6 +394,21 @@ def _resolve_relative(value: str, config_dir: Path, cwd: Path) -> Path | None:
     for base in (cwd, config_dir):
         if (base / path).exists():
             return (base / path).resolve()
+    return None
+
+
+def _resolve_dataset_path(value: str, config_dir: Path, cwd: Path) -> str | None:
+    """Like _resolve_relative, for a path that may be a glob: absolute, and matching at least one file."""
+    import glob
+
+    if not glob.has_magic(value):
+        found = _resolve_relative(value, config_dir, cwd)
+        return str(found) if found is not None else None
+    pattern = os.path.expanduser(value)
+    for base in ([Path("/")] if os.path.isabs(pattern) else [cwd, config_dir]):
+        absolute = str((base / pattern)) if not os.path.isabs(pattern) else pattern
+        if glob.glob(absolute, recursive=True):
+            return os.path.normpath(absolute)
     return None
 
 
@@ -478,17 +556,17 @@ def load_config(
         raise ConfigError(_format_validation_error(exc, PipelineConfig, str(config_path), override_keys)) from None
 
     if sft_dataset:
-        config.datasets.sft = sft_dataset
+        config.datasets.sft = DatasetSource.model_validate(sft_dataset)
     if preference_dataset:
-        config.datasets.preference = preference_dataset
-    for field in ("sft", "preference", "eval"):
-        value = getattr(config.datasets, field)
-        if not value:
+        config.datasets.preference = DatasetSource.model_validate(preference_dataset)
+    for field in DatasetPaths.model_fields:
+        source = getattr(config.datasets, field)
+        if source is None or not source.path:
             continue
-        found = _resolve_relative(value, config_dir, work_dir)
+        found = _resolve_dataset_path(source.path, config_dir, work_dir)
         if found is None:
-            raise ConfigError(f"{config_path}: key 'datasets.{field}': file '{value}' does not exist")
-        setattr(config.datasets, field, str(found))
+            raise ConfigError(f"{config_path}: key 'datasets.{field}': file '{source.path}' does not exist")
+        source.path = found
 
     if config.validation.redteam_file:
         found = _resolve_relative(config.validation.redteam_file, config_dir, work_dir)

@@ -10,6 +10,7 @@ Outputs (next to this script unless --out-dir is given):
   preference.jsonl  120 rows       {"prompt", "chosen", "rejected"}
   eval.jsonl         40 chat rows  (held out: requests disjoint from sft)
   redteam.jsonl      12 rows       {"prompt"}
+  preference_eval.jsonl 40 rows    held-out pairs (requests disjoint from all the above)
 
 Usage:
   python examples/task_api/generate.py [--out-dir DIR]
@@ -31,6 +32,7 @@ MAX_ACTION_CHARS = 100
 N_SFT = 240
 N_EVAL = 40
 N_PREF = 120
+N_PREF_EVAL = 40
 
 ACTIONS = ["create_task", "complete_task", "delete_task", "list_tasks", "update_priority"]
 
@@ -328,8 +330,20 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
         assert rejected != chosen
         preference.append({"prompt": request, "chosen": chosen, "rejected": rejected})
 
+    # Drawn last, from a generator of its own, so the files above stay byte-identical.
+    eval_rng = random.Random(seed + 1)
+    per_pref_eval = N_PREF_EVAL // len(ACTIONS)
+    pref_eval_pairs = [pair for name in ACTIONS for pair in build_pool(eval_rng, name, per_pref_eval, seen)]
+    eval_rng.shuffle(pref_eval_pairs)
+    eval_modes = [FAILURE_MODES[i % len(FAILURE_MODES)] for i in range(len(pref_eval_pairs))]
+    eval_rng.shuffle(eval_modes)
+    preference_eval = [{"prompt": request, "chosen": dump_action(action),
+                        "rejected": make_rejected(eval_rng, action, mode)}
+                       for (request, action), mode in zip(pref_eval_pairs, eval_modes)]
+
     return {
         "sft.jsonl": [chat_row(r, a) for r, a in sft_pairs],
+        "preference_eval.jsonl": preference_eval,
         "preference.jsonl": preference,
         "eval.jsonl": [chat_row(r, a) for r, a in eval_pairs],
         "redteam.jsonl": [{"prompt": p} for p in REDTEAM_PROMPTS],

@@ -17,6 +17,11 @@ app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_e
 DbOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the ledger [env: TRAINPIPE_DB].",
                                                envvar="TRAINPIPE_DB", show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set sft.learning_rate=1e-4")]
+SftDatasetOption = Annotated[str | None, typer.Option(
+    "--sft-dataset", help="SFT data: a file, folder or glob, or hub:ORG/NAME[:SPLIT] (overrides datasets.sft).")]
+PreferenceDatasetOption = Annotated[str | None, typer.Option(
+    "--preference-dataset", help="Preference data, as --sft-dataset (overrides datasets.preference).")]
 
 # What the last-resort handler in main() can tell about the run it was driving.
 _session: dict[str, str | None] = {"run_id": None}
@@ -62,9 +67,11 @@ def _drive(call, renderer, db: str | None) -> None:
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="Pipeline YAML (the lesson's pipeline_config.yaml format).")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set sft.learning_rate=1e-4")] = None,
-    sft_dataset: Annotated[str | None, typer.Option("--sft-dataset", help="SFT JSONL (overrides datasets.sft).")] = None,
-    preference_dataset: Annotated[str | None, typer.Option("--preference-dataset", help="Preference JSONL.")] = None,
+    set_: SetOption = None,
+    sft_dataset: SftDatasetOption = None,
+    preference_dataset: PreferenceDatasetOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the data and show what each stage would train "
+                                          "on (as `trainpipe data`); start no run.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Train every stage; reuse no earlier output.")] = False,
     from_stage: Annotated[str | None, typer.Option("--from-stage", help="Train this stage and every later one; "
                                                    "earlier ones may come from the cache.")] = None,
@@ -77,10 +84,31 @@ def run(
     run, and whose files still verify, is reused (`cached`) instead of trained."""
     from trainpipe import api
 
+    if dry_run:
+        data(config, set_, sft_dataset, preference_dataset, json_output)
+        return
     _drive(lambda ledger, observer: api.run(config, ledger=ledger, overrides=set_ or [], sft_dataset=sft_dataset,
                                             preference_dataset=preference_dataset, observer=observer,
                                             use_cache=not no_cache, from_stage=from_stage),
            _renderer(json_output), db)
+
+
+@app.command()
+def data(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML.")],
+    set_: SetOption = None,
+    sft_dataset: SftDatasetOption = None,
+    preference_dataset: PreferenceDatasetOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show what each stage would train on: per dataset the source, detected format and row count,
+    and the first example through the chat template with the tokens that carry loss marked. Checks
+    every row like `run`; writes nothing, trains nothing."""
+    from trainpipe import api
+
+    previews = api.data_preview(config, overrides=set_ or [], sft_dataset=sft_dataset,
+                                preference_dataset=preference_dataset)
+    _renderer(json_output).data_preview(previews)
 
 
 @app.command()

@@ -73,6 +73,34 @@ class ProgressObserver(Observer):
         if error:
             self.progress.console.print(f"[red]{stage}: {escape(error)}[/]", soft_wrap=True)
 
+    def data_phase(self, role: str, phase: str, rows: int, seconds: float | None) -> None:
+        """Load, check and tokenize are phases of their own: a line with rows/s when one ends, and
+        a live row count while a long one runs (so the stage's bar is not stuck at 0 meanwhile).
+        The row checks run before the run exists: their lines go to stderr, since scripts read the
+        run id from stdout's first line."""
+        if self.run_id is None:
+            if seconds is not None:
+                rate = f", {rows / seconds:,.0f} rows/s" if seconds > 0 else ""
+                self.renderer.err.print(f"[dim]{escape(role)}: {phase}: {rows:,} rows in {seconds:.2f} s{rate}[/]")
+            elif rows and rows % 250_000 == 0:
+                self.renderer.err.print(f"[dim]{escape(role)}: {phase}: {rows:,} rows so far[/]")
+            return
+        self._ensure_started()
+        label = f"{role} {phase.split()[0]}"
+        task = self.tasks.get(label)
+        if seconds is None:
+            if task is None:
+                self.tasks[label] = self.progress.add_task(label, total=None, loss="")
+            elif rows:
+                self.progress.update(task, completed=rows)
+            return
+        if task is not None:
+            # Hidden, not removed: rich indexes `progress.tasks` by position, and the stage bars use it.
+            self.progress.update(task, visible=False)
+            del self.tasks[label]
+        rate = f", {rows / seconds:,.0f} rows/s" if seconds > 0 and rows else ""
+        self.progress.console.print(f"[dim]{escape(role)}: {escape(phase)}: {rows:,} rows in {seconds:.2f} s{rate}[/]")
+
     def note(self, text: str) -> None:
         self._ensure_started()
         self.progress.console.print(f"[yellow]{escape(text)}[/]", soft_wrap=True)

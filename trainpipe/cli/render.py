@@ -87,6 +87,29 @@ class Renderer:
     def print_json(self, data: Any) -> None:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
+    def data_preview(self, previews: list[dict[str, Any]]) -> None:
+        """`trainpipe data`: loss-carrying tokens in bold green (and between ⟦ ⟧, which survives a pipe),
+        the rest dim; tokens past max_length struck through."""
+        if self.json_mode:
+            self.print_json(previews)
+            return
+        for item in previews:
+            self.out.print(f"[bold]{escape(item['role'])}[/]: {escape(item['source'])}")
+            self.out.print(f"  format {item['format']}, {item['rows']:,} rows (checked in {item['check_seconds']:.2f} s), "
+                           f"loss on {escape(item['loss'])}, max_length {item['max_length']}")
+            for part, pieces in item["example"].items():
+                self.out.print(f"  first example, {part}: {item['tokens'][part]} tokens, "
+                               f"{item['loss_tokens'][part]} carry loss")
+                text, in_loss = "", False
+                for piece in pieces:
+                    if piece["loss"] != in_loss:
+                        text += "[bold green]⟦" if piece["loss"] else "⟧[/][dim]"
+                        in_loss = piece["loss"]
+                    token = escape(piece["token"])
+                    text += f"[strike]{token}[/strike]" if piece["truncated"] else token
+                text = "[dim]" + text + ("⟧[/]" if in_loss else "[/]")
+                self.out.print("    " + text.replace("\n", "\n    "), soft_wrap=True)
+
     def error(self, message: str, hint: str | None = None) -> None:
         # Messages quote user input (dataset text, --set values): never let it be read as markup.
         self.err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
@@ -202,6 +225,12 @@ class Renderer:
                 worker = f" ({attempt['worker']})" if attempt.get("worker") else ""
                 self.out.print(f"  attempt {attempt['attempt']}{worker}: {attempt['outcome']} in "
                                f"{attempt['duration_s']:.1f} s{extra}", markup=False, soft_wrap=True)
+                for role, data in (attempt.get("data") or {}).items():
+                    load = f"loaded in {data['load_seconds']:.2f} s, " if data.get("load_seconds") is not None else ""
+                    self.out.print(f"    data {role}: {data.get('rows')} rows, {load}tokenized data "
+                                   f"{data.get('action', '?')} in {data.get('seconds', 0):.2f} s"
+                                   + (f" (cache rebuilt: {data['rebuilt_because']})" if data.get("rebuilt_because")
+                                      else ""), markup=False, soft_wrap=True)
                 if attempt.get("traceback"):
                     self.out.print("    " + attempt["traceback"].rstrip().replace("\n", "\n    "), markup=False,
                                    soft_wrap=True)

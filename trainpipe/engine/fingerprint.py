@@ -26,6 +26,7 @@ from typing import Any
 
 from trainpipe.checkpoints import sha256_file
 from trainpipe.config import PipelineConfig
+from trainpipe.stages.sources import identity as source_identity
 
 # Settings that change when, how often or where something is logged or saved, never what is trained;
 # and SFT's `beta`, which SFT accepts (the lesson's files carry it) and ignores.
@@ -35,12 +36,12 @@ IGNORED_BY_STAGE = {"sft": {"beta"}}
 # rows are held out and not trained on, so it belongs to SFT as well.
 GATE_KEYS = {
     "sft": ("max_loss", "check_nan", "loss_window", "eval_split"),
-    "merge": ("merge_prompts", "merge_tolerance", "eval_split"),
-    "dpo": ("min_accuracy", "loss_window", "dpo_step0_tolerance", "check_nan"),
+    "merge": ("merge_prompts", "merge_tolerance", "eval_split", "max_eval_rows"),
+    "dpo": ("min_accuracy", "loss_window", "dpo_step0_tolerance", "check_nan", "preference_eval_split"),
 }
 # Read by the generation checks, which run at the gate of the last enabled stage (gate 3 normally).
 FINAL_GATE_KEYS = ("custom_checks", "format_threshold", "format_required_keys", "blocklist", "max_new_tokens",
-                   "eval_split")
+                   "eval_split", "max_eval_rows")
 VERSIONED = ("torch", "transformers", "trl", "peft", "trainpipe")
 
 
@@ -124,8 +125,10 @@ def _gate_settings(config: PipelineConfig, stage: str) -> dict[str, Any]:
     out["severity"] = {name: o.severity for name, o in sorted(validation.checks.items())
                        if name in checks and o.severity is not None}
     if final:
-        out["eval"] = _file_hash(config.datasets.eval)
+        out["eval"] = source_identity(config.datasets.eval)
         out["redteam"] = _file_hash(validation.redteam_file)
+    if stage == "dpo":
+        out["preference_eval"] = source_identity(config.datasets.preference_eval)
     return out
 
 
@@ -141,11 +144,12 @@ def stage_fingerprint(config: PipelineConfig, stage: str, upstream: str | None,
         settings["launcher"] = {**settings["launcher"], "nproc_per_node": nproc_per_node(settings["launcher"])}
     datasets: dict[str, str | None] = {}
     if stage == "sft":
-        datasets = {"sft": _file_hash(config.datasets.sft), "eval": _file_hash(config.datasets.eval)}
+        datasets = {"sft": source_identity(config.datasets.sft), "eval": source_identity(config.datasets.eval)}
     elif stage == "dpo":
-        datasets = {"preference": _file_hash(config.datasets.preference)}
+        datasets = {"preference": source_identity(config.datasets.preference),
+                    "preference_eval": source_identity(config.datasets.preference_eval)}
     elif stage == "merge":
-        datasets = {"sft": _file_hash(config.datasets.sft)}  # gate 2 compares logits on SFT prompts
+        datasets = {"sft": source_identity(config.datasets.sft)}  # gate 2 compares logits on SFT prompts
     return _digest({
         "stage": stage,
         "settings": {k: v for k, v in settings.items()

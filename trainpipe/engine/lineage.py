@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from trainpipe.config import STAGE_ORDER, PipelineConfig
-from trainpipe.engine.fingerprint import _file_hash, base_model_identity, cuda_device_visible, package_versions
+from trainpipe.engine.fingerprint import base_model_identity, cuda_device_visible, package_versions
+from trainpipe.stages.sources import identity as source_identity
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
              "huggingface_hub", "trainpipe")
@@ -90,8 +91,8 @@ def environment(config: PipelineConfig) -> dict[str, Any]:
 
 def build(config: PipelineConfig, snapshot: Mapping[str, Any]) -> dict[str, Any]:
     """The lineage record stored at run creation."""
-    datasets = {role: {"path": path, "sha256": _file_hash(path)}
-                for role, path in config.datasets.model_dump().items() if path}
+    datasets = {role: {"source": source.label(), **(source_identity(source) or {})}
+                for role, source in config.datasets if source is not None}
     return {
         "config_sha256": config_sha256(snapshot),
         "seed": config.seed,

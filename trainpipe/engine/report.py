@@ -79,6 +79,7 @@ def run_report(ledger: LedgerReader, run_id: str) -> dict[str, Any]:
                 "exit_code": a["exit_code"], "error": a["error"], "error_kind": a["error_kind"],
                 "traceback": a["error_traceback"], "resumed_from": a["resumed_from"],
                 "overrides": a["overrides"] or {}, "worker": a.get("worker"),
+                "data": (a.get("metrics") or {}).get("data") or {},
             } for a in mine],
             "checkpoints": [{"step": c["step"], "path": c["path"], "attempt_id": c["attempt_id"]}
                             for c in checkpoints if c["stage"] == name],

@@ -46,7 +46,7 @@ from trainpipe.faults import fire_once
 from trainpipe.paths import check_run_id, inside
 from trainpipe.stages import OUTPUT_DIRS
 from trainpipe.stages.base import StageSpec
-from trainpipe.stages.data import validate_jsonl
+from trainpipe.stages.data import dataset_roles, validate
 from trainpipe.store.ledger import Ledger, StaleState
 from trainpipe.validators.gate import GateOutcome
 
@@ -64,6 +64,8 @@ class Observer:
     def stage_finished(self, stage: str, state: str, metrics: dict[str, Any], gate: GateOutcome | None,
                        error: str | None) -> None: ...
     def note(self, text: str) -> None: ...
+    def data_phase(self, role: str, phase: str, rows: int, seconds: float | None) -> None:
+        """A dataset's load/check/tokenize phase: rows so far, and its duration once it is done."""
 
 
 @dataclass
@@ -101,11 +103,11 @@ def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = Non
     config = load_config(config_path, overrides=overrides, sft_dataset=sft_dataset,
                          preference_dataset=preference_dataset, cwd=cwd)
     check_from_stage(config, from_stage, config_path)
-    validate_inputs(config)
+    observer = observer or Observer()
+    validate_inputs(config, observer)
     preflight.check(config, ledger)
     run_id = check_run_id(run_id or new_run_id(config.pipeline_id))
     run_dir = inside(config.output_dir, run_id)
-    observer = observer or Observer()
     snapshot = config.model_dump(mode="json")
     ledger.create_run(run_id=run_id, pipeline_id=config.pipeline_id, config_snapshot=snapshot,
                       config_path=str(Path(config_path).resolve()), output_dir=config.output_dir,
@@ -192,14 +194,18 @@ def check_from_stage(config: PipelineConfig, from_stage: str | None, source: str
         raise ConfigError(f"--from-stage {from_stage}: stage '{from_stage}' is disabled in {source}")
 
 
-def validate_inputs(config: PipelineConfig) -> None:
-    """Every dataset row is checked before any model loads (and before the ledger is touched)."""
-    if config.enabled("sft"):
-        validate_jsonl(config.datasets.sft, "sft")
-    if config.enabled("dpo"):
-        validate_jsonl(config.datasets.preference, "preference")
-    if config.datasets.eval:
-        validate_jsonl(config.datasets.eval, "eval")
+def validate_inputs(config: PipelineConfig, observer: Observer | None = None) -> dict[str, dict[str, Any]]:
+    """Every dataset row is checked before any model loads (and before the ledger is touched).
+    Returns, per dataset role, its row count, format and how long the check took."""
+    observer = observer or Observer()
+    checked = {}
+    for role in dataset_roles(config):
+        source = getattr(config.datasets, role)
+        observer.data_phase(role, "check", 0, None)
+        checked[role] = validate(source, role, progress=lambda rows, role=role: observer.data_phase(
+            role, "check", rows, None))
+        observer.data_phase(role, "check", checked[role]["rows"], checked[role]["seconds"])
+    return checked
 
 
 def _needs_base_model(ledger: Ledger, run_id: str, config: PipelineConfig) -> bool:
@@ -567,8 +573,15 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
         spec_path = work_dir / f"spec-{attempt_no}.json"
         spec.save(spec_path)
 
+        data_record: dict[str, dict[str, Any]] = {}
+
         def on_event(event: dict[str, Any], _attempt_id: int = attempt_id) -> None:
-            if event["type"] == "validating":
+            if event["type"] == "data":
+                _note_data_event(data_record, event, name, observer)
+            elif event["type"] == "note":
+                observer.note(f"{name}: {event.get('text')}")
+            elif event["type"] == "validating":
+                event["metrics"] = {**event.get("metrics", {}), "data": data_record}
                 _record_output(ledger, run_id, name, _attempt_id, event)
                 observer.note(f"{name}: output written, running its gate")
             elif event["type"] == "checkpoint":
@@ -590,11 +603,12 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
         if workers.fallback_reason != fallback_before:
             observer.note(f"{name}: stage processes start as fresh interpreters: {workers.fallback_reason}")
         if outcome.ok:
+            outcome.result.setdefault("metrics", {})["data"] = data_record
             return _validate(ledger, run_id, config, name, attempt_id, outcome, observer, work_dir)
 
         attempt_outcome = {"timed_out": "timed_out", "interrupted": "interrupted"}.get(outcome.kind, "failed")
         ledger.close_attempt(attempt_id, attempt_outcome, exit_code=outcome.exit_code, error=outcome.error,
-                             error_kind=outcome.error_kind,
+                             error_kind=outcome.error_kind, metrics={"data": data_record} if data_record else None,
                              error_traceback=outcome.traceback if outcome.error_kind == failures.BUG else None)
         ledger.transition_stage(run_id, name, "fail", _fsm("stage", "fail"),
                                 detail={"kind": outcome.kind, "error_kind": outcome.error_kind,
@@ -615,6 +629,24 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
         observer.note(f"{name}: attempt {attempt_no} {outcome.kind} ({outcome.error}); retrying in {delay:g} s")
         time.sleep(delay)
     return StageEnd("failed", "no attempts left", None, failures.TRANSIENT)
+
+
+def _note_data_event(record: dict[str, dict[str, Any]], event: dict[str, Any], stage: str,
+                     observer: Observer) -> None:
+    """A stage's data phase (load, tokenize): shown as it happens, and kept for the attempt's
+    metrics, so the ledger says whether each attempt prepared or reused its data, and how long it took."""
+    role, phase, action = event.get("role", "?"), event.get("phase"), event.get("action")
+    seconds = event.get("seconds")
+    observer.data_phase(f"{stage}/{role}", f"{phase} {action}" if action in ("reused", "prepared") else phase,
+                        int(event.get("rows") or 0), seconds if action != "started" else None)
+    if action == "started":
+        return
+    entry = record.setdefault(role, {})
+    if phase == "load":
+        entry["load_seconds"] = seconds
+        entry["rows"] = event.get("rows")
+    else:
+        entry.update({k: event[k] for k in ("action", "seconds", "rows", "key", "rebuilt_because") if k in event})
 
 
 def _launcher(config: PipelineConfig, name: str) -> dict[str, Any] | None:

@@ -7,7 +7,8 @@ frozen SFT policy. With SFT disabled, the policy starts from the base model.
 from __future__ import annotations
 
 from trainpipe.stages.base import StageContext, StageResult
-from trainpipe.stages.data import to_hf_dataset
+from trainpipe.stages.data import has_preference_eval, heldout_dataset, prepare_with_cache, training_dataset
+from trainpipe.stages.data_cache import cached_trainer
 from trainpipe.stages.loading import (
     load_causal_lm,
     load_for_lora_training,
@@ -54,12 +55,21 @@ def run(ctx: StageContext) -> StageResult:
     settings = ctx.settings()
     backend = select_backend(ctx.config.backend)
     model, reference, tokenizer, peft_config, policy_path = _policy_and_reference(ctx, settings, backend)
-    dataset = to_hf_dataset(ctx.config.datasets.preference, "preference")
+    tokenization = {"max_length": settings.max_seq_length}
+    dataset, train_entry = prepare_with_cache(ctx, "preference", lambda: training_dataset(ctx.config, "preference"),
+                                              tokenizer, tokenization)
+    entries = {"train": train_entry}
+    heldout = None
+    if has_preference_eval(ctx.config):
+        heldout, entries["eval"] = prepare_with_cache(
+            ctx, "preference_eval", lambda: heldout_dataset(ctx.config, "preference"), tokenizer, tokenization)
 
     patch_trl_for_cpu()
     args = DPOConfig(**trainer_kwargs(ctx, settings), beta=settings.beta)
-    trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=dataset,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks(ctx))
+    trainer_cls = cached_trainer(DPOTrainer, entries, ctx.events)
+    trainer = trainer_cls(model=model, ref_model=reference, args=args, train_dataset=dataset, eval_dataset=heldout,
+                          processing_class=tokenizer, peft_config=peft_config,
+                          callbacks=callbacks(ctx, evaluate_at_end=heldout is not None))
     train(trainer, ctx)
 
     staging = staging_dir(ctx)
@@ -68,16 +78,21 @@ def run(ctx: StageContext) -> StageResult:
     history = list(trainer.state.log_history)
     losses = log_losses(history)
     last = next((entry for entry in reversed(history) if "rewards/accuracies" in entry), {})
+    evaluated = next((entry for entry in reversed(history) if "eval_rewards/accuracies" in entry), {})
     metrics = {
         "final_loss": losses[-1] if losses else None,
         "first_loss": losses[0] if losses else None,
         "total_steps": int(trainer.state.global_step),
         "beta_used": settings.beta,
-        "samples": len(dataset),
+        "samples": len(trainer.train_dataset),
         "policy_model": policy_path,
         "backend": backend,
         **{key: float(last[key]) for key in DPO_KEYS if key in last},
+        # Reward accuracy and margin of the policy against its reference on pairs it never trained on.
+        **{f"heldout_{key}": float(evaluated[f"eval_{key}"]) for key in DPO_KEYS if f"eval_{key}" in evaluated},
     }
+    if heldout is not None:
+        metrics["heldout_pairs"] = len(trainer.eval_dataset)
     final_model = staging
     if settings.save_merged:
         merged_dir = staging / "merged"

@@ -82,7 +82,11 @@ def _report_to(ctx: StageContext, settings: Any) -> list[str] | str:
     return trackers or "none"
 
 
-def callbacks(ctx: StageContext) -> list[Any]:
+def callbacks(ctx: StageContext, *, evaluate_at_end: bool = False) -> list[Any]:
+    """The stage's trainer callbacks. `evaluate_at_end`: run the trainer's evaluation once, after the
+    last step and before its checkpoint, on every rank (a held-out pass after `train()` returned
+    would leave DDP's other ranks out of its collectives); the checkpoint's log history keeps it, so
+    a resume from the final checkpoint still has it."""
     from transformers import TrainerCallback
 
     events = ctx.events
@@ -94,6 +98,8 @@ def callbacks(ctx: StageContext) -> list[Any]:
 
         def on_step_end(self, args, state, control, **kw):
             events.emit("progress", step=state.global_step, total=state.max_steps)
+            if evaluate_at_end and state.global_step == state.max_steps:
+                control.should_evaluate = True
             if fault.get("step") == state.global_step and fault.get("rank", 0) == distributed.rank():
                 inject_fault(fault)
             if distributed.any_rank(stop_requested()):

@@ -16,14 +16,35 @@ def _final(ctx: GateContext, key: str) -> tuple[float, int] | None:
     return sum(values[-width:]) / width, width
 
 
+def _heldout(ctx: GateContext) -> tuple[float, float] | None:
+    """Reward accuracy and mean margin on the held-out pairs, from the trainer's evaluation at the
+    end of DPO (stages/dpo.py), or None when no pairs were held out."""
+    accuracies, margins = ctx.logged("eval_rewards/accuracies"), ctx.logged("eval_rewards/margins")
+    if not accuracies or not margins:
+        return None
+    return accuracies[-1][1], margins[-1][1]
+
+
 def alignment_ok(ctx: GateContext) -> Outcome:
+    """With held-out pairs, the policy must prefer `chosen` on pairs it never trained on; without,
+    the training log's last steps stand in (they reach 1.0 on memorised pairs, so say so)."""
     accuracy, margins = _final(ctx, "rewards/accuracies"), _final(ctx, "rewards/margins")
     floor = ctx.config.validation.min_accuracy
     if accuracy is None or margins is None:
         return Outcome(False, details="rewards/accuracies or rewards/margins was never logged")
-    (acc, width), margin = accuracy, margins[0]
+    (train_acc, width), train_margin = accuracy, margins[0]
+    training = f"training: rewards/accuracies {train_acc:.4g} (mean of the last {width} logged steps)"
+    heldout = _heldout(ctx)
+    if heldout is not None:
+        acc, margin = heldout
+        pairs = ctx.metrics.get("heldout_pairs")
+        details = (f"held-out{f' ({pairs} pairs)' if pairs else ''}: reward accuracy {acc:.4g}, mean margin "
+                   f"{margin:.4g} (must be > 0); {training}")
+    else:
+        acc, margin = train_acc, train_margin
+        details = (f"{training}; rewards/margins {margin:.4g} (must be > 0); no held-out pairs (set "
+                   "datasets.preference_eval or validation.preference_eval_split to measure unseen pairs)")
     passed = math.isfinite(acc) and math.isfinite(margin) and acc >= floor and margin > 0
-    details = f"mean of the last {width} logged steps; rewards/margins {margin:.4g} (must be > 0)"
     if not passed:
         details += "; train DPO longer, raise its learning_rate, or check chosen/rejected are not swapped"
     return Outcome(passed, value=round(acc, 4), threshold=f">= {floor}", details=details)

@@ -58,9 +58,10 @@ def tokenizer_ok(ctx: GateContext) -> Outcome:
 
 
 def _equivalence_prompts(config: PipelineConfig) -> list[list[dict[str, str]]]:
-    from trainpipe.stages.data import eval_rows, load_rows, split_prompt_completion
+    from trainpipe.stages.data import eval_rows, first_rows, split_prompt_completion
 
-    rows = eval_rows(config) or (load_rows(config.datasets.sft) if config.datasets.sft else [])
+    rows = eval_rows(config) or (first_rows(config.datasets.sft, "sft", config.validation.merge_prompts)
+                                 if config.datasets.sft else [])
     prompts = []
     for row in rows[:config.validation.merge_prompts]:
         if "messages" in row:
