@@ -144,7 +144,8 @@ def test_messages_without_assistant_turn(tmp_path: Path) -> None:
     ({"prompt": "  ", "completion": "b"}, "field 'prompt' is empty"),
     ({"text": 5}, "field 'text' must be a string"),
     ({"text": ["a"]}, "field 'text' must be a string"),
-    ({"input": "a", "output": "b"}, "no known row format in columns ['input', 'output']"),
+    ({"input": "a", "output": "b"}, "missing field 'instruction'"),
+    ({"question": "a", "answer": "b"}, "no known row format in columns ['answer', 'question']"),
 ])
 def test_bad_sft_rows(tmp_path: Path, row: dict, expected: str) -> None:
     path = jsonl(tmp_path / "sft.jsonl", [CHAT, row])

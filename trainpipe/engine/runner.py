@@ -577,7 +577,8 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
 
         def on_event(event: dict[str, Any], _attempt_id: int = attempt_id) -> None:
             if event["type"] == "data":
-                _note_data_event(data_record, event, name, observer)
+                if _note_data_event(data_record, event, name, observer):
+                    ledger.record_attempt_data(_attempt_id, data_record)
             elif event["type"] == "note":
                 observer.note(f"{name}: {event.get('text')}")
             elif event["type"] == "validating":
@@ -632,21 +633,23 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
 
 
 def _note_data_event(record: dict[str, dict[str, Any]], event: dict[str, Any], stage: str,
-                     observer: Observer) -> None:
+                     observer: Observer) -> bool:
     """A stage's data phase (load, tokenize): shown as it happens, and kept for the attempt's
-    metrics, so the ledger says whether each attempt prepared or reused its data, and how long it took."""
+    metrics, so the ledger says whether each attempt prepared or reused its data, and how long it took.
+    Returns whether the record changed."""
     role, phase, action = event.get("role", "?"), event.get("phase"), event.get("action")
     seconds = event.get("seconds")
     observer.data_phase(f"{stage}/{role}", f"{phase} {action}" if action in ("reused", "prepared") else phase,
                         int(event.get("rows") or 0), seconds if action != "started" else None)
     if action == "started":
-        return
+        return False
     entry = record.setdefault(role, {})
     if phase == "load":
         entry["load_seconds"] = seconds
         entry["rows"] = event.get("rows")
     else:
         entry.update({k: event[k] for k in ("action", "seconds", "rows", "key", "rebuilt_because") if k in event})
+    return True
 
 
 def _launcher(config: PipelineConfig, name: str) -> dict[str, Any] | None:

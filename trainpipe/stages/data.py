@@ -40,16 +40,14 @@ def validate(source: DatasetSource | str | Path, role: str,
     try:
         for where, raw in sources.iter_rows(source):
             row = formats.rename_columns(raw, source.columns)
-            if source.format == "auto":
-                fmt = formats.detect(row, role, where)
-                seen.add(fmt.name)
-                if chosen is not None and fmt is not chosen:
-                    label = source.path or source.hub
-                    raise DatasetError(f"{label}: rows mix formats {sorted(seen)}; use one format per file")
-            else:
-                fmt = chosen or formats.choose(source.format, row, role, where)
-            chosen = fmt
+            fmt = (formats.detect(row, role, where) if source.format == "auto"
+                   else chosen or formats.choose(source.format, row, role, where))
             fmt.normalize(row, where, source.roles)
+            seen.add(fmt.name)
+            if chosen is not None and fmt is not chosen:
+                raise DatasetError(f"{source.path or source.hub}: rows mix formats {sorted(seen)}; "
+                                   "use one format per file")
+            chosen = fmt
             rows += 1
             if progress is not None and rows % 50_000 == 0:
                 progress(rows)

@@ -35,7 +35,8 @@ def _check_messages(value: Any, where: str, key: str) -> None:
         if not isinstance(message, dict):
             raise DatasetError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
         for field in ("role", "content"):
-            if field not in message or (field == "role" and message[field] is None):
+            # Arrow fills a key that only some rows have with None: the same as missing.
+            if message.get(field) is None:
                 raise DatasetError(f"{where}: missing field '{key}[{i}].{field}'")
         if message["role"] not in ROLES:
             raise DatasetError(f"{where}: {key}[{i}].role '{message['role']}' is not one of {sorted(ROLES)}"
@@ -70,7 +71,7 @@ def _map_roles(messages: list[Any], roles: Mapping[str, str]) -> list[Any]:
 def _messages(row: Mapping[str, Any], where: str, roles: Mapping[str, str]) -> dict[str, Any]:
     messages = row["messages"]
     if isinstance(messages, list):
-        messages = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m
+        messages = [{k: m[k] for k in ("role", "content") if k in m} if isinstance(m, dict) else m
                     for m in _map_roles(messages, roles)]
     _check_messages(messages, where, "messages")
     if not any(m["role"] == "assistant" for m in messages):
@@ -157,6 +158,8 @@ def _preference_implicit(row: Mapping[str, Any], where: str, roles: Mapping[str,
     for key in ("chosen", "rejected"):
         value = row.get(key)
         fields[key] = _map_roles(value, roles) if isinstance(value, list) else value
+        if isinstance(fields[key], str):
+            raise DatasetError(f"{where}: missing field 'prompt'")
         if not isinstance(fields[key], list):
             raise DatasetError(f"{where}: without a 'prompt' column, '{key}' must be a conversation "
                                "(a list of messages that starts with the prompt)")
@@ -219,6 +222,11 @@ def detect(columns: set[str] | Mapping[str, Any], role: str, where: str) -> RowF
     names = set(columns)
     for fmt in formats_for(role):
         if names.issuperset(fmt.columns):
+            return fmt
+    # A row that has part of a format's columns is that format with a field missing: its own check
+    # then names the field, which says more than "no known format".
+    for fmt in formats_for(role):
+        if names & set(fmt.columns):
             return fmt
     if role.startswith("preference"):
         # The message users of the lesson format know: name the first column missing.

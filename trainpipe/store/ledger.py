@@ -510,6 +510,15 @@ class Ledger(LedgerReader):
                 outcome=outcome, finished_at=time.time(), exit_code=exit_code, error=error, metrics=metrics,
                 error_kind=error_kind, error_traceback=error_traceback))
 
+    def record_attempt_data(self, attempt_id: int, data: dict[str, Any]) -> None:
+        """What an attempt did with its datasets (prepared or reused, rows, seconds), stored in its
+        metrics as it happens: an attempt killed later still shows it."""
+        with self._write() as conn:
+            metrics = conn.scalar(select(s.stage_attempts.c.metrics).where(s.stage_attempts.c.id == attempt_id)
+                                  .with_for_update())
+            conn.execute(update(s.stage_attempts).where(s.stage_attempts.c.id == attempt_id).values(
+                metrics={**(metrics or {}), "data": data}))
+
     def set_attempt_process(self, attempt_id: int, pid: int, worker: str | None = None) -> None:
         """The attempt's process, and how it was started (`fork` from the pre-imported worker, or `spawn`)."""
         values: dict[str, Any] = {"pid": pid}
