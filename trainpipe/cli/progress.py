@@ -79,7 +79,7 @@ class ProgressObserver(Observer):
         The row checks run before the run exists: their lines go to stderr, since scripts read the
         run id from stdout's first line."""
         if self.run_id is None:
-            if seconds is not None:
+            if seconds is not None and seconds >= 1:  # a small dataset's check is not worth a line
                 rate = f", {rows / seconds:,.0f} rows/s" if seconds > 0 else ""
                 self.renderer.err.print(f"[dim]{escape(role)}: {phase}: {rows:,} rows in {seconds:.2f} s{rate}[/]")
             elif rows and rows % 250_000 == 0:

@@ -268,7 +268,12 @@ class Renderer:
             lines.append(f"config sha256 {str(lineage.get('config_sha256'))[:12]}  seed {lineage.get('seed')}")
             lines.append(f"base model {base.get('name')} ({ident})")
             for role, data in (lineage.get("datasets") or {}).items():
-                lines.append(f"dataset {role}: {data.get('path')} sha256 {str(data.get('sha256'))[:12]}")
+                # Runs recorded before issue 18 have `path`; later ones `source` and a sha256 or a Hub revision.
+                origin = data.get("source") or data.get("path")
+                content = (f"revision {str(data.get('revision'))[:12]}" if data.get("hub")
+                           else f"sha256 {str(data.get('sha256'))[:12]}")
+                fmt = f" ({data['format']})" if data.get("format") not in (None, "auto") else ""
+                lines.append(f"dataset {role}: {origin}{fmt} {content}")
             libs = lineage.get("libraries") or {}
             lines.append("libraries: " + ", ".join(f"{k} {v}" for k, v in libs.items() if v))
             missing = [k for k, v in libs.items() if not v]

@@ -70,7 +70,8 @@ def _map_roles(messages: list[Any], roles: Mapping[str, str]) -> list[Any]:
 
 def _messages(row: Mapping[str, Any], where: str, roles: Mapping[str, str]) -> dict[str, Any]:
     messages = row["messages"]
-    if isinstance(messages, list):
+    if isinstance(messages, list) and (roles or any(isinstance(m, dict) and len(m) != 2 for m in messages)):
+        # Only role and content are kept: other keys (name, weight, ...) would become sparse Arrow columns.
         messages = [{k: m[k] for k in ("role", "content") if k in m} if isinstance(m, dict) else m
                     for m in _map_roles(messages, roles)]
     _check_messages(messages, where, "messages")
@@ -205,6 +206,7 @@ FORMATS: tuple[RowFormat, ...] = (
               "chosen/rejected conversations that both start with the prompt"),
 )
 BY_NAME = {f.name: f for f in FORMATS}
+_BY_KIND = {kind: tuple(f for f in FORMATS if f.kind == kind) for kind in ("sft", "preference")}
 
 
 def kind_of(role: str) -> str:
@@ -214,18 +216,19 @@ def kind_of(role: str) -> str:
 
 
 def formats_for(role: str) -> tuple[RowFormat, ...]:
-    return tuple(f for f in FORMATS if f.kind == kind_of(role))
+    return _BY_KIND[kind_of(role)]
 
 
 def detect(columns: set[str] | Mapping[str, Any], role: str, where: str) -> RowFormat:
     """The first format of the role's kind whose columns are all present."""
-    names = set(columns)
-    for fmt in formats_for(role):
-        if names.issuperset(fmt.columns):
+    candidates = formats_for(role)
+    for fmt in candidates:
+        if all(column in columns for column in fmt.columns):
             return fmt
+    names = set(columns)
     # A row that has part of a format's columns is that format with a field missing: its own check
     # then names the field, which says more than "no known format".
-    for fmt in formats_for(role):
+    for fmt in candidates:
         if names & set(fmt.columns):
             return fmt
     if role.startswith("preference"):

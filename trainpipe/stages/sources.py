@@ -204,7 +204,9 @@ def _load_hub(source: DatasetSource, split: str):
             raise DatasetError(f"{source.label()}: no subset '{source.subset}'; it has: {', '.join(configs)} "
                                "(set `subset:`)") from None
         raise
-    splits = list((builder.info.splits or {}).keys())
+    # Packaged builders (parquet, json, ... repos) know their splits from their data files before
+    # anything is prepared; script-less Hub repos with dataset_info know them from the info.
+    splits = list((builder.info.splits or {}).keys()) or list(getattr(builder.config, "data_files", None) or {})
     if splits and split not in splits:
         raise DatasetError(f"{source.label()}: no split '{split}'; it has: {', '.join(splits)} (set `split:`)")
     builder.download_and_prepare()
