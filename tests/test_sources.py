@@ -241,6 +241,34 @@ def test_hub_dataset_loads_by_id_offline_with_subset_split_and_revision(offline_
         {"hub": "acme/taskbot", "split": "test"}
 
 
+def test_a_new_hub_revision_or_changed_file_changes_the_fingerprint(offline_hf, tmp_path):
+    from trainpipe.engine.fingerprint import stage_fingerprint
+
+    snapshot = hub_dataset(offline_hf, "acme/taskbot", {"data/train-0.parquet": SFT_ROWS})
+    config = with_sft_source({"hub": "acme/taskbot"})
+    before = stage_fingerprint(config, "sft", None)
+    assert stage_fingerprint(config, "sft", None) == before
+    (offline_hf / "hub" / "datasets--acme--taskbot" / "refs" / "main").write_text("f" * 40)
+    assert stage_fingerprint(config, "sft", None) != before
+    assert snapshot.is_dir()
+
+    local = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
+    config = sft_config(str(local))
+    before = stage_fingerprint(config, "sft", None)
+    write_jsonl(local, SFT_ROWS[:-1])
+    assert stage_fingerprint(config, "sft", None) != before
+    config.datasets.sft.roles = {"bot": "assistant"}
+    assert stage_fingerprint(config, "sft", None) != before
+
+
+def test_bad_dataset_flag_is_a_config_error():
+    from trainpipe.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(QUICKSTART, sft_dataset="hub:not a/valid id")
+    assert info.value.message == "--sft-dataset hub:not a/valid id: hub: 'not a/valid id' is not a Hub dataset id (ORG/NAME)"
+
+
 @pytest.mark.parametrize(("source", "expected"), [
     ({"hub": "acme/taskbot", "subset": "chat", "split": "validation"},
      "hub dataset 'acme/taskbot' subset=chat split=validation: no split 'validation'; it has: train, test"),

@@ -555,10 +555,13 @@ def load_config(
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, PipelineConfig, str(config_path), override_keys)) from None
 
-    if sft_dataset:
-        config.datasets.sft = DatasetSource.model_validate(sft_dataset)
-    if preference_dataset:
-        config.datasets.preference = DatasetSource.model_validate(preference_dataset)
+    for flag, role, value in (("--sft-dataset", "sft", sft_dataset), ("--preference-dataset", "preference",
+                                                                      preference_dataset)):
+        if value:
+            try:
+                setattr(config.datasets, role, DatasetSource.model_validate(value))
+            except ValidationError as exc:
+                raise ConfigError(f"{flag} {value}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     for field in DatasetPaths.model_fields:
         source = getattr(config.datasets, field)
         if source is None or not source.path:
