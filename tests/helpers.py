@@ -152,3 +152,40 @@ def passed_stage_attempts(ledger: Ledger, run_id: str) -> dict[str, int]:
     """The stages that had passed, with their attempt counts: a resume must never run them again."""
     passed = {s["name"] for s in ledger.stages(run_id) if s["state"] in ("passed", "cached")}
     return {stage: n for stage, n in attempts_per_stage(ledger, run_id).items() if stage in passed}
+
+
+def process_alive(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has exited; only its parent has not reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, from /proc (children, their children, ...)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return {p for p in found if process_alive(p)}
+
+
+def started_pid(run_dir: str | Path, stage: str, attempt: int) -> int | None:
+    """The pid the stage process wrote into its own events file when it started."""
+    events = Path(run_dir) / ".work" / stage / f"events-{attempt}.jsonl"
+    if not events.is_file():
+        return None
+    for line in events.read_text(encoding="utf-8").splitlines():
+        event = json.loads(line)
+        if event["type"] == "started":
+            return int(event["pid"])
+    return None
