@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 # Orchestrator kills: right after the named ledger write (checkpoint: after recording that step).
 ORCHESTRATOR_POINTS = [
     ("run:start", None), ("sft:start", None), ("sft:checkpoint", 6), ("sft:validate", None),
-    ("sft:pass_gate", None), ("merge:start", None), ("merge:validate", None), ("merge:pass_gate", None),
+    ("sft:checkpoint_written", 6), ("sft:pass_gate", None), ("merge:start", None), ("merge:validate", None), ("merge:pass_gate", None),
     ("dpo:start", None), ("dpo:checkpoint", 4), ("dpo:validate", None), ("dpo:pass_gate", None),
 ]
 # Stage-process kills: before the stage's work, at a training step, or while its gate runs.
@@ -37,7 +37,7 @@ STAGE_POINTS = [
     ("dpo", {"at": "start"}), ("dpo", {"step": 3}), ("dpo", {"at": "gate"}),
 ]
 # dpo:checkpoint is left to the full matrix: test_midstage_resume.py kills the orchestrator mid-DPO in CI.
-IN_CI = {"sft:validate", "merge-gate"}
+IN_CI = {"sft:validate", "sft:checkpoint_written", "merge-gate"}
 FULL = os.environ.get("TRAINPIPE_FULL_MATRIX") == "1"
 
 
@@ -80,6 +80,13 @@ def test_orchestrator_killed_after_transition(point, step, tmp_path, db_url, ref
     # Counted from the ledger's attempts: a stage that had passed before the kill never ran again.
     after = attempts_per_stage(ledger, run_id)
     assert {s: after[s] for s in passed_before} == passed_before, (passed_before, after)
+    if point.endswith(":checkpoint_written"):
+        # The checkpoint the ledger never recorded was adopted (its manifest verified), and the trainer
+        # went on from it: nothing complete on disk is thrown away.
+        stage = point.split(":")[0]
+        start = [t for t in ledger.transitions(run_id) if t["stage"] == stage and t["trigger"] == "start"][-1]
+        assert any(f"checkpoint-{step}" in str(c) for c in start["detail"].get("adopted_checkpoints", [])), start
+        assert assert_continued_from_checkpoint(ledger, run_id, stage) >= step
     if point.endswith(":checkpoint"):
         stage = point.split(":")[0]
         # The trainer's own record: the resumed attempt began at the recorded checkpoint, not at step 1.
