@@ -25,8 +25,9 @@ bench: install
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/gate_parallelism.py
 
-# The whole fault-injection matrix and the `extended` scenarios (~30 min on 2 cores). `make test` runs 2
-# of the matrix's 20 scenarios (orchestrator killed during gate 1, stage killed during gate 2), and of
+# The whole fault-injection matrix and the `extended` scenarios (~30 min on 2 cores). `make test` runs 3
+# of the matrix's 21 scenarios (orchestrator killed during gate 1 and after an SFT checkpoint was written
+# but not recorded, stage killed during gate 2), and of
 # torchrun's: the 2-rank reference run and SIGKILL/resume; here also SIGTERM, timeout, a dead rank
 # (retried and not), an error in rank 1, a SIGTERM to a two-node run; the DPO mid-stage resume; the
 # parallel sweep on PostgreSQL.

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 TASK_API = REPO_ROOT / "examples" / "task_api"
 PG_URL_ENV = "TRAINPIPE_TEST_PG_URL"
+LESSON_CONFIGS = ("pipeline_config.yaml", "sft_config.yaml", "dpo_config.yaml")
 
 
 @pytest.fixture(scope="session")
@@ -100,12 +100,13 @@ def pg_url(pg_server: str):
 
 @pytest.fixture
 def lesson_dir(tmp_path, monkeypatch) -> Path:
-    """The lesson's layout, verbatim: ./configs/{pipeline,sft,dpo}_config.yaml, run from the parent dir."""
+    """The lesson's layout: ./configs/{pipeline,sft,dpo}_config.yaml, run from the parent dir. The files
+    are the lesson-format ones this repository ships (the lesson's keys and values, with a comment on
+    each knob), so a clone of the repository alone runs the tests."""
     root = tmp_path / "lesson"
     (root / "configs").mkdir(parents=True)
-    shutil.copy(SHARED_FIXTURES / "lesson_pipeline_config.yaml", root / "configs" / "pipeline_config.yaml")
-    shutil.copy(SHARED_FIXTURES / "lesson_sft_config.yaml", root / "configs" / "sft_config.yaml")
-    shutil.copy(SHARED_FIXTURES / "lesson_dpo_config.yaml", root / "configs" / "dpo_config.yaml")
+    for name in LESSON_CONFIGS:
+        shutil.copy(REPO_ROOT / "configs" / name, root / "configs" / name)
     shutil.copy(TASK_API / "sft.jsonl", root / "sft.jsonl")
     shutil.copy(TASK_API / "preference.jsonl", root / "preference.jsonl")
     monkeypatch.chdir(root)

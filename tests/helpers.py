@@ -98,3 +98,94 @@ def assert_transitions_gap_free(ledger: Ledger, run_id: str) -> None:
         if key in last:
             assert t["from_state"] == last[key], f"{key or 'run'}: {last[key]} then {t['from_state']}->{t['to_state']}"
         last[key] = t["to_state"]
+
+
+def trainer_steps(run_dir: str | Path, stage: str, attempt: int) -> tuple[int, list[int]]:
+    """What the trainer of one attempt did, from its own callbacks (the attempt's events file): the
+    global step its state held when training began (a restored checkpoint's step, or 0), and the
+    steps it then finished, in order."""
+    events = Path(run_dir) / ".work" / stage / f"events-{attempt}.jsonl"
+    progress = [json.loads(line)["step"] for line in events.read_text(encoding="utf-8").splitlines()
+                if json.loads(line)["type"] == "progress"]
+    assert progress, f"{events}: the trainer reported no step"
+    # The first `progress` is on_train_begin's; every later one is an on_step_end.
+    return progress[0], progress[1:]
+
+
+def assert_continued_from_checkpoint(ledger: Ledger, run_id: str, stage: str, attempt: dict | None = None, *,
+                                     trains: bool = True) -> int:
+    """The attempt (default: the stage's last) trained on from the checkpoint it was given: its trainer
+    began at the checkpoint's step, as the checkpoint's trainer_state.json records it, and its first
+    finished step is the next one, not step 1. Labels (resumed_from) only say what was asked.
+    `trains=False`: the checkpoint may be the stage's last step, so no step is left to train."""
+    attempt = attempt or ledger.attempts(run_id, stage)[-1]
+    resumed_from = attempt["resumed_from"]
+    assert resumed_from, f"{stage} attempt {attempt['attempt']} was given no checkpoint"
+    state_file = Path(resumed_from) / "trainer_state.json"
+    checkpoint_step = json.loads(state_file.read_text(encoding="utf-8"))["global_step"]
+    assert checkpoint_step > 0
+    began_at, finished = trainer_steps(ledger.get_run(run_id)["run_dir"], stage, attempt["attempt"])
+    assert began_at == checkpoint_step, f"{stage}: trainer began at step {began_at}, checkpoint is {checkpoint_step}"
+    assert finished or not trains, f"{stage}: the resumed trainer finished no step"
+    assert finished == list(range(checkpoint_step + 1, checkpoint_step + 1 + len(finished))), (
+        f"{stage}: after checkpoint-{checkpoint_step} the trainer finished steps {finished}")
+    return checkpoint_step
+
+
+def assert_every_resume_continued(ledger: Ledger, run_id: str) -> int:
+    """Every SFT/DPO attempt that was given a checkpoint began there (see assert_continued_from_checkpoint);
+    returns how many were."""
+    resumed = [a for a in ledger.attempts(run_id) if a["stage"] in ("sft", "dpo") and a["resumed_from"]]
+    for attempt in resumed:
+        assert_continued_from_checkpoint(ledger, run_id, attempt["stage"], attempt, trains=False)
+    return len(resumed)
+
+
+def attempts_per_stage(ledger: Ledger, run_id: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for attempt in ledger.attempts(run_id):
+        counts[attempt["stage"]] = counts.get(attempt["stage"], 0) + 1
+    return counts
+
+
+def passed_stage_attempts(ledger: Ledger, run_id: str) -> dict[str, int]:
+    """The stages that had passed, with their attempt counts: a resume must never run them again."""
+    passed = {s["name"] for s in ledger.stages(run_id) if s["state"] in ("passed", "cached")}
+    return {stage: n for stage, n in attempts_per_stage(ledger, run_id).items() if stage in passed}
+
+
+def process_alive(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has exited; only its parent has not reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, from /proc (children, their children, ...)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return {p for p in found if process_alive(p)}
+
+
+def started_pid(run_dir: str | Path, stage: str, attempt: int) -> int | None:
+    """The pid the stage process wrote into its own events file when it started."""
+    events = Path(run_dir) / ".work" / stage / f"events-{attempt}.jsonl"
+    if not events.is_file():
+        return None
+    for line in events.read_text(encoding="utf-8").splitlines():
+        event = json.loads(line)
+        if event["type"] == "started":
+            return int(event["pid"])
+    return None

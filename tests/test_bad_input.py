@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import QUICKSTART, SHARED_FIXTURES, TASK_API, fast_overrides
+from conftest import QUICKSTART, REPO_ROOT, TASK_API, fast_overrides
 from helpers import cli
 
 from trainpipe import failures
@@ -207,7 +207,7 @@ def test_output_dir_not_writable(ledger_path: Path, tmp_path: Path) -> None:
 
 def test_lesson_config_with_an_unreachable_hub_fails_fast(lesson_dir: Path, ledger_path: Path) -> None:
     """The lesson's own config: 2 min 51 s and 3 attempts before; now one message, before any write."""
-    assert LESSON_MODEL in (SHARED_FIXTURES / "lesson_pipeline_config.yaml").read_text()
+    assert LESSON_MODEL in (REPO_ROOT / "configs" / "pipeline_config.yaml").read_text()
     before = rows(ledger_path)
 
     proc = cli("run", "configs/pipeline_config.yaml", "--sft-dataset", "sft.jsonl",

@@ -48,6 +48,34 @@ def _run_without_torch(overrides: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# Loaded by every Python process started with its folder on PYTHONPATH (the CLI, the pre-imported
+# worker, stage processes): an audit hook that records, without changing anything, each process that
+# loads torch.
+TORCH_WATCH = """import os, sys
+
+def _watch(event, args):
+    if event == "import" and args[0] == "torch":
+        with open(os.environ["TP_TORCH_IMPORTS"], "a") as out:
+            out.write(f"{os.getpid()} {' '.join(sys.orig_argv)}\\n")
+
+sys.addaudithook(_watch)
+"""
+
+
+def _cli_torch_imports(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run the CLI; return it and one line (pid, command) per process of it that imported torch."""
+    hook = tmp_path / "torch-watch"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(TORCH_WATCH)
+    record = tmp_path / f"torch-imports-{len(list(tmp_path.glob('torch-imports-*')))}"
+    record.touch()
+    env = {**os.environ, "TP_TORCH_IMPORTS": str(record),
+           "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "trainpipe.cli.app", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+    return proc, record.read_text().splitlines()
+
+
 @pytest.mark.slow
 def test_rerun_reuses_every_stage_and_retrains_only_what_must(tmp_path, db_url):
     overrides = fast_overrides(tmp_path / "out")
@@ -86,6 +114,21 @@ def test_rerun_reuses_every_stage_and_retrains_only_what_must(tmp_path, db_url):
     assert result["stage_results"]["dpo"]["source"] == "cached"
     assert result["stage_results"]["dpo"]["reused_from"]["run_id"] == first.run_id
     assert json.loads((run2_dir / "merged" / "merge_info.json").read_text())["merged_path"] == str(run2_dir / "merged")
+
+    # 1b. The same through the CLI: no process it starts imports torch (no pre-imported worker). The
+    #     watch itself is shown to see an import of torch first.
+    control, seen = _cli_torch_imports(tmp_path, "--help")
+    assert control.returncode == 0 and seen == [], seen
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env={
+        **os.environ, "TP_TORCH_IMPORTS": str(tmp_path / "probe"),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "torch-watch"), os.environ.get("PYTHONPATH", "")])})
+    assert probe.returncode == 0 and "import torch" in (tmp_path / "probe").read_text()
+    cli_rerun, seen = _cli_torch_imports(tmp_path, "run", str(QUICKSTART), "--json",
+                                         *[a for o in overrides for a in ("--set", o)])
+    assert cli_rerun.returncode == 0, cli_rerun.stdout + cli_rerun.stderr
+    cli_run_id = json.loads(cli_rerun.stdout)["run_id"]
+    assert _states(ledger, cli_run_id) == {"sft": "cached", "merge": "cached", "dpo": "cached"}
+    assert seen == [], f"processes that imported torch during a fully cached CLI run: {seen}"
 
     # 2. --from-stage dpo: SFT and merge come from the cache, DPO trains.
     third = trainpipe.run(QUICKSTART, overrides=overrides, from_stage="dpo")

@@ -132,12 +132,29 @@ def test_eight_processes_write_one_ledger_without_lost_or_duplicated_transitions
 
 
 def open_ledger(db_url: str, barrier, results) -> None:
+    """Open the ledger; report (error or None, the migration steps this process ran). The steps come
+    from Alembic's own log ("Running upgrade A -> B"), not from trainpipe."""
+    import logging
+
+    class Steps(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ran: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Running upgrade"):
+                self.ran.append(record.getMessage())
+
+    steps = Steps()
+    alembic_log = logging.getLogger("alembic.runtime.migration")
+    alembic_log.setLevel(logging.INFO)
+    alembic_log.addHandler(steps)
     try:
         barrier.wait(timeout=120)
         Ledger(db_url).close()
-        results.put(None)
+        results.put((None, steps.ran))
     except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
-        results.put(traceback.format_exc())
+        results.put((traceback.format_exc(), steps.ran))
 
 
 def test_processes_opening_a_new_ledger_at_once_migrate_it_once(db_url: str) -> None:
@@ -148,10 +165,16 @@ def test_processes_opening_a_new_ledger_at_once_migrate_it_once(db_url: str) -> 
     procs = [ctx.Process(target=open_ledger, args=(db_url, barrier, results)) for _ in range(4)]
     for proc in procs:
         proc.start()
-    errors = [error for error in (results.get(timeout=300) for _ in procs) if error]
+    reports = [results.get(timeout=300) for _ in procs]
     for proc in procs:
         proc.join(timeout=60)
+    errors = [error for error, _steps in reports if error]
     assert not errors, "\n".join(errors)
+    # Exactly one process ran the migrations, every step once; the other three ran none.
+    from trainpipe.store.reader import MIGRATION_NAMES
+
+    ran = sorted((steps for _error, steps in reports), key=len)
+    assert [len(steps) for steps in ran] == [0, 0, 0, len(MIGRATION_NAMES)], ran
 
     from sqlalchemy import create_engine
 

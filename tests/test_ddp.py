@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import QUICKSTART, resume_overrides
-from helpers import cli, load_weights, only_run_id, start_run, wait_for
+from helpers import assert_continued_from_checkpoint, cli, load_weights, only_run_id, start_run, wait_for
 
 import trainpipe
 from trainpipe import checkpoints
@@ -52,6 +52,8 @@ def assert_resumed_to_reference(ledger: Ledger, run_id: str, outcomes: list[str]
     attempts = ledger.attempts(run_id, "sft")
     assert [a["outcome"] for a in attempts] == outcomes
     assert attempts[-1]["resumed_from"].endswith(f"checkpoint-{step}")
+    # Rank 0's trainer began at that checkpoint's step and went on from there, not from step 1.
+    assert assert_continued_from_checkpoint(ledger, run_id, "sft") == step
     assert_same_adapter(reference, adapter(ledger.get_run(run_id)["run_dir"]))
 
 
@@ -238,6 +240,7 @@ def test_orchestrator_sigkill_mid_ddp_training_resumes_identical(tmp_path, db_ur
     attempts = ledger.attempts(run_id, "sft")
     assert [(a["outcome"], a["worker"]) for a in attempts] == [("interrupted", "torchrun"), ("passed", "torchrun")]
     assert attempts[1]["resumed_from"].endswith("checkpoint-4")
+    assert assert_continued_from_checkpoint(ledger, run_id, "sft") == 4
     assert_same_adapter(ddp_reference[2], adapter(ledger.get_run(run_id)["run_dir"]))
 
 
@@ -283,6 +286,7 @@ def test_dead_rank_fails_the_attempt_and_the_retry_resumes_identical(tmp_path, d
     assert first["exit_code"] not in (0, None) and first["error_kind"] == "transient"
     assert "rank 1, exit code -9, SIGKILL" in first["error"], first["error"]  # torchrun's root cause
     assert attempts[1]["resumed_from"].endswith("checkpoint-2")
+    assert assert_continued_from_checkpoint(Ledger(db_url), run_id, "sft") == 2
     assert_same_adapter(ddp_reference[2], adapter(Ledger(db_url).get_run(run_id)["run_dir"]))
 
 
@@ -494,6 +498,7 @@ def test_a_rank_dying_on_the_other_node_is_retried_from_the_checkpoint(tmp_path,
     attempts = Ledger(db_url).attempts(run_id, "sft")
     assert [(a["outcome"], a["worker"]) for a in attempts] == [("failed", "torchrun"), ("passed", "torchrun")]
     assert attempts[0]["error_kind"] == "transient" and attempts[1]["resumed_from"].endswith("checkpoint-2")
+    assert assert_continued_from_checkpoint(Ledger(db_url), run_id, "sft") == 2
     assert_same_adapter(ddp_reference[2], adapter(Ledger(db_url).get_run(run_id)["run_dir"]))
 
 

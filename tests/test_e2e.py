@@ -157,8 +157,15 @@ def test_qlora_trains_in_4bit_and_merges_in_full_precision(tmp_path, db_url):
         "sft.load_in_4bit=true", "stages.dpo.enabled=false"])
     assert result.state == "succeeded", result.errors
     ledger = Ledger(db_url)
-    assert ledger.attempts(result.run_id, "sft")[0]["metrics"]["load_in_4bit"] is True
     run_dir = Path(result.run_dir)
+    # What the trainer held, not what was asked: the stage's trainer callback reads the model it was
+    # handed. Every targeted projection (7 per layer) sits on a bitsandbytes Linear4bit, NF4.
+    [loaded] = [e for e in map(json.loads, (run_dir / ".work" / "sft" / "events-1.jsonl").read_text().splitlines())
+                if e["type"] == "model"]
+    layers = json.loads((ensure_tiny_model() / "config.json").read_text())["num_hidden_layers"]
+    assert loaded["linear4bit_layers"] == 7 * layers, loaded
+    assert loaded["quantization_config"]["load_in_4bit"] is True, loaded
+    assert loaded["quantization_config"]["bnb_4bit_quant_type"] == "nf4", loaded
     merged = load_weights(run_dir / "merged" / "model.safetensors")
     base = load_weights(ensure_tiny_model() / "model.safetensors")
     # Merged into a float32 copy: same tensor names and dtypes as the base, no 4-bit leftovers.

@@ -16,7 +16,9 @@ import sys
 
 import pytest
 from conftest import QUICKSTART, resume_overrides
-from helpers import assert_identical, assert_transitions_gap_free, cli, final_weights, only_run_id
+from helpers import (assert_continued_from_checkpoint, assert_every_resume_continued, assert_identical,
+                     assert_transitions_gap_free, attempts_per_stage, cli, final_weights, only_run_id,
+                     passed_stage_attempts)
 
 from trainpipe.store.ledger import Ledger
 
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.slow
 # Orchestrator kills: right after the named ledger write (checkpoint: after recording that step).
 ORCHESTRATOR_POINTS = [
     ("run:start", None), ("sft:start", None), ("sft:checkpoint", 6), ("sft:validate", None),
-    ("sft:pass_gate", None), ("merge:start", None), ("merge:validate", None), ("merge:pass_gate", None),
+    ("sft:checkpoint_written", 6), ("sft:pass_gate", None), ("merge:start", None), ("merge:validate", None), ("merge:pass_gate", None),
     ("dpo:start", None), ("dpo:checkpoint", 4), ("dpo:validate", None), ("dpo:pass_gate", None),
 ]
 # Stage-process kills: before the stage's work, at a training step, or while its gate runs.
@@ -35,7 +37,7 @@ STAGE_POINTS = [
     ("dpo", {"at": "start"}), ("dpo", {"step": 3}), ("dpo", {"at": "gate"}),
 ]
 # dpo:checkpoint is left to the full matrix: test_midstage_resume.py kills the orchestrator mid-DPO in CI.
-IN_CI = {"sft:validate", "merge-gate"}
+IN_CI = {"sft:validate", "sft:checkpoint_written", "merge-gate"}
 FULL = os.environ.get("TRAINPIPE_FULL_MATRIX") == "1"
 
 
@@ -57,6 +59,7 @@ def _assert_recovered(ledger: Ledger, run_id: str, reference_weights) -> None:
     assert {s["name"]: s["state"] for s in ledger.stages(run_id)} == {"sft": "passed", "merge": "passed",
                                                                       "dpo": "passed"}
     assert_transitions_gap_free(ledger, run_id)
+    assert_every_resume_continued(ledger, run_id)
     from pathlib import Path
 
     assert_identical(reference_weights, final_weights(Path(run["run_dir"])))
@@ -68,11 +71,26 @@ def test_orchestrator_killed_after_transition(point, step, tmp_path, db_url, ref
     assert killed.returncode == -9, killed.stdout + killed.stderr
     assert (tmp_path / "fired").exists()
     run_id = only_run_id(db_url)
+    ledger = Ledger(db_url)
+    passed_before = passed_stage_attempts(ledger, run_id)
 
     resumed = cli("resume", run_id)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    ledger = Ledger(db_url)
     assert ledger.get_run(run_id)["state"] == "succeeded"
+    # Counted from the ledger's attempts: a stage that had passed before the kill never ran again.
+    after = attempts_per_stage(ledger, run_id)
+    assert {s: after[s] for s in passed_before} == passed_before, (passed_before, after)
+    if point.endswith(":checkpoint_written"):
+        # The checkpoint the ledger never recorded was adopted (its manifest verified), and the trainer
+        # went on from it: nothing complete on disk is thrown away.
+        stage = point.split(":")[0]
+        start = [t for t in ledger.transitions(run_id) if t["stage"] == stage and t["trigger"] == "start"][-1]
+        assert any(f"checkpoint-{step}" in str(c) for c in start["detail"].get("adopted_checkpoints", [])), start
+        assert assert_continued_from_checkpoint(ledger, run_id, stage) >= step
+    if point.endswith(":checkpoint"):
+        stage = point.split(":")[0]
+        # The trainer's own record: the resumed attempt began at the recorded checkpoint, not at step 1.
+        assert assert_continued_from_checkpoint(ledger, run_id, stage) >= step
     _assert_recovered(ledger, run_id, reference_weights)
 
 
@@ -88,4 +106,7 @@ def test_stage_process_killed(stage, where, tmp_path, db_url, reference_weights)
     attempts = ledger.attempts(run_id, stage)
     assert [a["outcome"] for a in attempts] == ["failed", "passed"]
     assert "SIGKILL" in attempts[0]["error"]
+    if "step" in where:
+        # Killed after a checkpoint: the retry's trainer went on from it (checkpoint every 2 steps).
+        assert assert_continued_from_checkpoint(ledger, run_id, stage) == where["step"] - 1
     _assert_recovered(ledger, run_id, reference_weights)

@@ -5,6 +5,8 @@ training step)."""
 from __future__ import annotations
 
 import json
+import warnings
+from pathlib import Path
 
 import pytest
 from conftest import QUICKSTART, fast_overrides
@@ -28,6 +30,20 @@ def test_oom_retry_halves_micro_batch_keeps_effective_batch(tmp_path, db_url, mo
     # quickstart: batch 8 x accumulation 1 -> retry with 4 x 2, the same effective batch of 8
     assert second["overrides"] == {"batch_size": 4, "gradient_accumulation": 2}
     assert second["outcome"] == "passed"
+    # What the retry's trainer used, from its own records in the checkpoints it wrote (OOM struck at
+    # step 3, before the first checkpoint, so every checkpoint is the retry's): its TrainingArguments
+    # and its TrainerState.
+    import torch
+
+    saved = [c for c in ledger.checkpoints(result.run_id, "sft") if c["attempt_id"] == second["id"]]
+    assert saved, "the retry wrote no checkpoint"
+    for checkpoint in saved:
+        with warnings.catch_warnings():  # unpickling the arguments imports torch.jit, which warns of itself
+            warnings.simplefilter("ignore", DeprecationWarning)
+            args = torch.load(Path(checkpoint["path"]) / "training_args.bin", weights_only=False)
+        assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 2), checkpoint["path"]
+        state = json.loads((Path(checkpoint["path"]) / "trainer_state.json").read_text(encoding="utf-8"))
+        assert state["train_batch_size"] == 4, checkpoint["path"]
     report = json.loads(cli("inspect", result.run_id, "--json", check=True).stdout)
     sft = next(s for s in report["stages"] if s["name"] == "sft")
     assert sft["attempts"] == 2

@@ -73,3 +73,41 @@ def test_adapter_missing_and_adapter_that_does_not_load(tmp_path):
     (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 64)
     broken = only(adapter_loads, ctx)
     assert not broken.passed and broken.details.startswith("check raised")
+
+
+def _real_adapter(folder: Path, peft_config) -> Path:
+    """An adapter as peft saves it (adapter_config.json + adapter_model.safetensors) on the tiny model."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(ensure_tiny_model()), peft_config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_adapter_loads_fails_on_non_finite_lora_weights_and_on_an_adapter_without_lora(tmp_path):
+    import torch
+    from peft import IA3Config, LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    lora = _real_adapter(tmp_path / "lora", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                       task_type="CAUSAL_LM"))
+    healthy = only(adapter_loads, gate_context("sft", lora))
+    assert healthy.passed, healthy.details
+    weights = load_file(lora / "adapter_model.safetensors")
+    name = sorted(k for k in weights if "lora_A" in k)[0]
+    weights[name] = weights[name].clone()
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(lora / "adapter_model.safetensors"))
+    poisoned = only(adapter_loads, gate_context("sft", lora))
+    assert not poisoned.passed and poisoned.details.startswith("non-finite values in 1 LoRA tensors"), poisoned.details
+    weights[name][0, 0] = float("inf")
+    save_file(weights, str(lora / "adapter_model.safetensors"))
+    assert not only(adapter_loads, gate_context("sft", lora)).passed
+
+    # A real adapter of another kind (IA3 scales, no lora_A/lora_B): it loads, and adds no LoRA weight.
+    ia3 = _real_adapter(tmp_path / "ia3", IA3Config(target_modules=["k_proj", "down_proj"],
+                                                    feedforward_modules=["down_proj"], task_type="CAUSAL_LM"))
+    assert torch.is_tensor(next(iter(load_file(ia3 / "adapter_model.safetensors").values())))
+    empty = only(adapter_loads, gate_context("sft", ia3))
+    assert not empty.passed and empty.details == "the adapter put no LoRA weights into the model", empty.details

@@ -43,6 +43,9 @@ def test_diverging_learning_rate_gives_nan_and_gate1_rejects(tmp_path, db_url):
     assert not checks["no_nan"]["passed"] and "non-finite" in checks["no_nan"]["details"]
     assert not checks["loss_below_max"]["passed"]
     assert checks["adapter_files_exist"]["passed"]
+    # The diverged weights themselves: the saved adapter loads, with non-finite LoRA tensors in it.
+    assert not checks["adapter_loads"]["passed"], checks["adapter_loads"]
+    assert checks["adapter_loads"]["details"].startswith("non-finite values in"), checks["adapter_loads"]["details"]
     assert {s["name"]: s["state"] for s in ledger.stages(run_id)}["sft"] == "rejected"
     # The diagnostic names the failed check and what to change.
     assert "no_nan" in proc.stdout and "learning_rate" in proc.stdout

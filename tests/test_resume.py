@@ -6,32 +6,43 @@ import signal
 
 import pytest
 from conftest import QUICKSTART, fast_overrides
-from helpers import cli, cli_json, only_run_id, stage_states, start_run, wait_for
+from helpers import (cli, cli_json, descendants, only_run_id, process_alive, stage_states, start_run,
+                     started_pid, wait_for)
 
-from trainpipe.engine.liveness import pid_alive
 from trainpipe.store.ledger import Ledger
 
 pytestmark = pytest.mark.slow
 
 
-def _start_run(tmp_path, extra: list[str] | None = None, db: str | None = None):
-    return start_run(QUICKSTART, fast_overrides(tmp_path / "out") + (extra or []), db=db)
+def _start_run(tmp_path, extra: list[str] | None = None, db: str | None = None, fault: dict | None = None):
+    return start_run(QUICKSTART, fast_overrides(tmp_path / "out") + (extra or []), db=db, fault=fault)
 
 
 # On PostgreSQL too: the run, `status` and `resume` each name the server's database with --db.
 @pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
 def test_sigkill_after_sft_then_resume_reuses_sft(tmp_path, db_url):
-    proc = _start_run(tmp_path, db=db_url)
+    # DPO holds step 2 for 120 s (once), so its stage process is surely alive, mid-training, at the kill.
+    fault = {"stage": "dpo", "step": 2, "action": "pause", "seconds": 120, "once_file": str(tmp_path / "fired")}
+    proc = _start_run(tmp_path, db=db_url, fault=fault)
     run_id = wait_for(lambda: only_run_id(db_url), timeout=60, what="the run row")
-    wait_for(lambda: stage_states(db_url, run_id)["sft"] == "passed", what="SFT to pass")
+    wait_for(lambda: (tmp_path / "fired").exists(), what="DPO to be mid-training")
+    assert stage_states(db_url, run_id)["sft"] == "passed"
+    # The real stage process: the pid it wrote into its own events file, the one the ledger holds for
+    # the running attempt, and a descendant of `trainpipe run` (through the pre-imported worker).
+    [running] = [a for a in Ledger(db_url).attempts(run_id) if a["outcome"] == "running"]
+    run_dir = Ledger(db_url).get_run(run_id)["run_dir"]
+    stage_pid = started_pid(run_dir, "dpo", running["attempt"])
+    below = descendants(proc.pid)
+    assert stage_pid == running["pid"] and stage_pid != proc.pid, (stage_pid, running["pid"], proc.pid)
+    assert stage_pid in below and process_alive(stage_pid), (stage_pid, below)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
 
-    # The stage child dies with its parent (PR_SET_PDEATHSIG), so nothing trains on unobserved.
-    attempts = Ledger(db_url).attempts(run_id)
-    stage_pids = [a["pid"] for a in attempts if a["outcome"] == "running"]
-    wait_for(lambda: not any(pid_alive(p) for p in stage_pids), timeout=30, what="the stage child to exit")
+    # The stage child dies with its parent (PR_SET_PDEATHSIG), so nothing trains on unobserved; so does
+    # every other process `trainpipe run` had started (the pre-imported worker).
+    wait_for(lambda: not any(process_alive(p) for p in below), timeout=30,
+             what=f"the stage process {stage_pid} and the rest of {sorted(below)} to exit")
 
     # Never shown as running once its owner is gone: status marks it interrupted (compare-and-set).
     status = cli("status", "--db", db_url)

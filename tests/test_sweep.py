@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import QUICKSTART, REPO_ROOT, fast_overrides
-from helpers import cli
+from helpers import assert_continued_from_checkpoint, cli
 
 from trainpipe.store.ledger import Ledger
 from trainpipe.sweepfile import load_sweep
@@ -75,7 +75,7 @@ def test_beta_sweep_killed_resumes_trains_shared_stages_once_and_never_chooses_a
     # resume adopts once its manifest verifies (runner.adopt_unrecorded_checkpoints).
     first = ledger.attempts(runs[0], "dpo")
     assert len(first) == 2 and first[1]["resumed_from"], first
-    assert int(first[1]["resumed_from"].rsplit("checkpoint-", 1)[1]) >= 4, first[1]["resumed_from"]
+    assert assert_continued_from_checkpoint(ledger, runs[0], "dpo") >= 4
     # Shared prefix: SFT and merge trained once, by the first trial; DPO once per trial.
     assert _trainings(ledger, runs) == {"sft": 1, "merge": 1, "dpo": 3}
     for run_id in runs[1:]:

@@ -47,9 +47,6 @@ def _renderer(json_mode: bool = False):
 
 def _drive(call, renderer, db: str | None) -> None:
     """Run `call(ledger, observer)` with live progress, then print the summary and exit with its code."""
-    from trainpipe.engine.supervisor import start_worker_early
-
-    start_worker_early()  # its torch imports overlap the imports and checks below
     from trainpipe.cli.progress import ProgressObserver
     from trainpipe.engine.report import run_report
 

@@ -218,7 +218,8 @@ def _needs_base_model(ledger: Ledger, run_id: str, config: PipelineConfig) -> bo
 def _fault_point(point: str, step: int | None = None) -> None:
     """Test hook (TRAINPIPE_FAULT {"action": "kill_orchestrator", "at": "sft:validate", ...}): SIGKILL
     this process right after the named ledger write, to prove a resume recovers from that moment.
-    Points: run:start, <stage>:start|validate|pass_gate, <stage>:checkpoint (with "step").
+    Points: run:start, <stage>:start|validate|pass_gate, <stage>:checkpoint (with "step"), and
+    <stage>:checkpoint_written (with "step": the stage wrote it, the ledger has not recorded it yet).
     "crash_orchestrator" raises there instead: an orchestrator bug, for the CLI's last-resort handler."""
     raw = os.environ.get("TRAINPIPE_FAULT")
     if not raw or '_orchestrator"' not in raw:
@@ -586,6 +587,8 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
                 _record_output(ledger, run_id, name, _attempt_id, event)
                 observer.note(f"{name}: output written, running its gate")
             elif event["type"] == "checkpoint":
+                # Killed here, the checkpoint is complete on disk but not in the ledger: resume adopts it.
+                _fault_point(f"{name}:checkpoint_written", int(event["step"]))
                 ledger.record_checkpoint(run_id, name, _attempt_id, int(event["step"]), event["path"],
                                          event.get("manifest_sha256"))
                 _fault_point(f"{name}:checkpoint", int(event["step"]))

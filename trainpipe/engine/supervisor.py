@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from trainpipe.failures import kind_of
 
@@ -221,7 +221,6 @@ class StageWorkers:
         self._proc: subprocess.Popen | None = None
         self._channel: socket.socket | None = None
         self._buffer = b""
-        self._early_log: IO[bytes] | None = None
         self.import_s: float | None = None
 
     def __enter__(self) -> StageWorkers:
@@ -232,7 +231,8 @@ class StageWorkers:
 
     def start(self, spec_path: Path, log_path: Path, env: dict[str, str]) -> StageProcess:
         """Ask for the attempt's process; returns at once. In fork mode its pid is known once the
-        worker (started here on first use, ~4-15 s of imports) has forked it."""
+        worker (started here on first use, ~4-15 s of imports) has forked it. Only here: a run whose
+        stages all come from the cache never starts it, so it imports no torch, its children included."""
         if self.mode == "spawn":
             return _Spawned(spec_path, log_path, env)
         if self._proc is None or self._proc.poll() is not None:
@@ -249,12 +249,8 @@ class StageWorkers:
 
     def _start_worker(self, env: dict[str, str]) -> None:
         self.close()
-        early = _EARLY.pop("worker", None)
-        if early is not None and early[0].poll() is None:
-            self._proc, self._channel, self._early_log = early
-        else:
-            with self.log_path.open("ab") as log:
-                self._proc, self._channel = _launch_worker(log, env)
+        with self.log_path.open("ab") as log:
+            self._proc, self._channel = _launch_worker(log, env)
         self._buffer = b""
 
     def receive(self) -> dict[str, Any] | None:
@@ -283,18 +279,6 @@ class StageWorkers:
 
     def close(self) -> None:
         """End the worker: the closed channel is its signal to exit."""
-        self._close_worker()
-        if self._early_log is not None:  # keep what the early worker printed with the run's logs
-            try:
-                self._early_log.seek(0)  # the worker has exited: nobody else writes to it any more
-                with self.log_path.open("ab") as log:
-                    log.write(self._early_log.read())
-            except OSError:
-                pass
-            self._early_log.close()
-            self._early_log = None
-
-    def _close_worker(self) -> None:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -316,35 +300,6 @@ def _launch_worker(log: Any, env: dict[str, str]) -> tuple[subprocess.Popen, soc
     theirs.close()
     ours.setblocking(False)
     return proc, ours
-
-
-# The worker start_worker_early() started, until a run's StageWorkers adopts it.
-_EARLY: dict[str, tuple[subprocess.Popen, socket.socket, IO[bytes]]] = {}
-
-
-def start_worker_early() -> None:
-    """Start the pre-imported worker now, so that its imports (4-15 s) run beside the orchestrator's
-    own start-up (SQLAlchemy, config and dataset checks, preflight: 0.5-0.8 s on 2 cores) instead of
-    after it. The run adopts it for its first stage attempt. If no run starts (bad input), it goes
-    with this process: PR_SET_PDEATHSIG, and its channel closes. The CLI calls this; the Python API
-    starts its worker with the first stage, as before."""
-    if _EARLY or sys.platform != "linux" or worker_mode() != "fork":
-        return
-    import atexit
-    import tempfile
-
-    # The run dir does not exist yet: the worker logs to an anonymous temporary file (gone with this
-    # process, even a SIGKILLed one), which the run copies into its .work/worker.log when it ends.
-    log = tempfile.TemporaryFile(prefix="trainpipe-worker-")
-    proc, channel = _launch_worker(log, {**os.environ, "PYTHONUNBUFFERED": "1"})
-    _EARLY["worker"] = (proc, channel, log)
-
-    def unadopted() -> None:
-        if _EARLY.pop("worker", None) is not None:
-            channel.close()
-            log.close()
-
-    atexit.register(unadopted)
 
 
 def run_child(spec_path: Path, *, events_path: Path, result_path: Path, log_path: Path,

@@ -94,6 +94,8 @@ def callbacks(ctx: StageContext, *, evaluate_at_end: bool = False) -> list[Any]:
 
     class PipelineCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
+            if kw.get("model") is not None:
+                events.emit("model", **loaded_model_facts(kw["model"]))
             events.emit("progress", step=state.global_step, total=state.max_steps)
 
         def on_step_end(self, args, state, control, **kw):
@@ -123,6 +125,17 @@ def callbacks(ctx: StageContext, *, evaluate_at_end: bool = False) -> list[Any]:
                 events.emit("checkpoint", step=state.global_step, path=str(checkpoint), manifest_sha256=digest)
 
     return [PipelineCallback()]
+
+
+def loaded_model_facts(model: Any) -> dict[str, Any]:
+    """What the trainer holds, read off the model itself rather than the settings that asked for it:
+    how many of its linear layers are bitsandbytes 4-bit, and the quantization config it carries."""
+    four_bit = sum(1 for module in model.modules()
+                   if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes"))
+    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quantization is not None and not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    return {"linear4bit_layers": four_bit, "quantization_config": quantization}
 
 
 def inject_fault(fault: dict[str, Any]) -> None:
