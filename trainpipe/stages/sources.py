@@ -41,8 +41,7 @@ def local_files(source: DatasetSource) -> list[Path]:
         files = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
     elif Path(path).is_dir():
         folder = Path(path)
-        pattern = "*" if is_save_to_disk(folder) else "*"
-        files = sorted(p for p in folder.rglob(pattern) if p.is_file() and not any(
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
             part.startswith(".") for part in p.relative_to(folder).parts))
         if not is_save_to_disk(folder):
             files = [p for p in files if p.suffix.lower() in BUILDERS]
@@ -68,7 +67,10 @@ def _json_lines(file: Path) -> bool:
 
 def read_line_by_line(source: DatasetSource) -> bool:
     """Whether the row checks read this source's text lines themselves (errors then name file:line)."""
-    if source.hub or Path(source.path or "").is_dir() and is_save_to_disk(Path(source.path or "")):
+    if source.hub:
+        return False
+    folder = Path(source.path or "")
+    if folder.is_dir() and is_save_to_disk(folder):
         return False
     return all(_json_lines(f) for f in local_files(source))
 
