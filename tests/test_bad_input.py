@@ -410,7 +410,8 @@ def test_dataset_path_that_is_a_directory(ledger_path: Path, tmp_path: Path) -> 
 
     proc = cli("run", str(QUICKSTART), "--sft-dataset", str(folder), *sets(f"output_dir={tmp_path / 'out'}"))
 
-    assert_clean(proc, 2, f"error: {folder}: sft dataset is a directory; point it at a .jsonl file")
+    assert_clean(proc, 2, f"error: {folder}: this folder has no data files (looked for .arrow, .csv, .json, "
+                          ".jsonl, .parquet)")
     assert rows(ledger_path) == before
 
 

@@ -50,7 +50,8 @@ def local_files(source: DatasetSource) -> list[Path]:
     else:
         raise DatasetError(f"{path}: dataset not found")
     if not files:
-        raise DatasetError(f"{path}: no data files found (looked for {', '.join(sorted(BUILDERS))})")
+        what = "this folder has no data files" if Path(path).is_dir() else "no file matches"
+        raise DatasetError(f"{path}: {what} (looked for {', '.join(sorted(BUILDERS))})")
     return files
 
 
