@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench matrix soak tiny-model clean
+.PHONY: install install-gpu check-gpu-constraints libmin test-libmin demo test bench matrix soak tiny-model clean
 
 install: $(VENV)/.installed
 
@@ -14,6 +14,35 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt torch
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
+
+# GPU machines: the library set unsloth 2026.10.9 accepts (trl 1.15, transformers 5.17, datasets 4.x),
+# from constraints-gpu.txt; constraints.txt pins the newer CPU/CI set, which unsloth refuses.
+install-gpu:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints-gpu.txt -e ".[unsloth,dev]"
+	touch $(VENV)/.installed
+
+# That the GPU set resolves, as a GPU machine sees the index (PyPI's CUDA torch, not this machine's
+# local CPU wheel or its pip settings). Resolves only (--dry-run): no GPU, nothing installed.
+check-gpu-constraints: install
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_CONSTRAINT= \
+		$(BIN)/pip install --dry-run --ignore-installed -q -c constraints-gpu.txt -e ".[unsloth]"
+
+# A second environment with the GPU set's trl/transformers/datasets on CPU torch, without unsloth
+# (which needs CUDA to import): what a GPU user runs, minus the GPU.
+LIBMIN ?= .venv-libmin
+$(LIBMIN)/.installed: pyproject.toml constraints-gpu.txt
+	$(PYTHON) -m venv $(LIBMIN)
+	$(LIBMIN)/bin/pip install -q -c constraints-gpu.txt torch
+	$(LIBMIN)/bin/pip install -q -c constraints-gpu.txt -e ".[dev]"
+	touch $@
+
+libmin: $(LIBMIN)/.installed
+
+# The quickstart end to end, resume, cache and gates on that set (CI runs it after `make test`).
+LIBMIN_TESTS ?= "tests/test_e2e.py::test_quickstart_cli_end_to_end[default]" tests/test_resume.py tests/test_cache.py tests/test_gates.py
+test-libmin: libmin
+	$(LIBMIN)/bin/python -m pytest -q $(LIBMIN_TESTS)
 
 demo: install
 	$(BIN)/trainpipe demo
@@ -43,4 +72,4 @@ tiny-model: install
 	$(BIN)/python -m trainpipe.stages.tiny_model --write-assets
 
 clean:
-	rm -rf $(VENV) trainpipe-demo .pytest_cache
+	rm -rf $(VENV) $(LIBMIN) trainpipe-demo .pytest_cache
