@@ -44,7 +44,7 @@ $(LIBMIN)/.installed: pyproject.toml constraints-gpu.txt
 libmin: $(LIBMIN)/.installed
 
 # The quickstart end to end, resume, cache and gates on that set (CI runs it after `make test`).
-LIBMIN_TESTS ?= "tests/test_e2e.py::test_quickstart_cli_end_to_end[default]" tests/test_resume.py tests/test_cache.py tests/test_gates.py
+LIBMIN_TESTS ?= "tests/test_e2e.py::test_quickstart_cli_end_to_end[avx2]" tests/test_resume.py tests/test_cache.py tests/test_gates.py
 test-libmin: libmin
 	$(LIBMIN)/bin/python -m pytest -q $(LIBMIN_TESTS)
 
