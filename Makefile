@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench matrix soak tiny-model clean
+.PHONY: install install-gpu check-gpu-constraints check-gpu-constraints-pypi libmin test-libmin demo test bench matrix soak tiny-model clean
 
 install: $(VENV)/.installed
 
@@ -14,6 +14,43 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt torch
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
+
+# GPU machines: the library set unsloth 2026.10.9 accepts (trl 1.15, transformers 5.17, datasets 4.x),
+# from constraints-gpu.txt; constraints.txt pins the newer CPU/CI set, which unsloth refuses.
+install-gpu:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints-gpu.txt -e ".[unsloth,dev]"
+	touch $(VENV)/.installed
+
+# That the GPU set resolves (--dry-run: no GPU needed, nothing installed). CI runs it with this
+# machine's pip settings (~1.7 min here); the -pypi variant resolves as a GPU machine sees PyPI, CUDA
+# torch with its nvidia and triton pins included (2-9 min here, most of it network).
+check-gpu-constraints: install
+	$(BIN)/pip install --dry-run --ignore-installed -q -c constraints-gpu.txt -e ".[unsloth]"
+
+check-gpu-constraints-pypi: install
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_CONSTRAINT= \
+		$(BIN)/pip install --dry-run --ignore-installed -q -c constraints-gpu.txt -e ".[unsloth]"
+
+# A second environment with the GPU set's trl/transformers/datasets on CPU torch, without unsloth
+# (which needs CUDA to import): what a GPU user runs, minus the GPU.
+LIBMIN ?= .venv-libmin
+$(LIBMIN)/.installed: pyproject.toml constraints-gpu.txt
+	$(PYTHON) -m venv $(LIBMIN)
+	$(LIBMIN)/bin/pip install -q -c constraints-gpu.txt torch
+	$(LIBMIN)/bin/pip install -q -c constraints-gpu.txt -e ".[dev]"
+	touch $@
+
+libmin: $(LIBMIN)/.installed
+
+# The quickstart end to end (gate 3 passing), a SIGKILL/resume, the stage cache, gates 1 and 2 rejecting,
+# on that set (CI runs it after `make test`; a subset, to keep CI under 20 min).
+LIBMIN_TESTS ?= "tests/test_e2e.py::test_quickstart_cli_end_to_end[avx2]" \
+	tests/test_resume.py::test_sigkill_after_sft_then_resume_reuses_sft tests/test_cache.py \
+	tests/test_gates.py::test_diverging_learning_rate_gives_nan_and_gate1_rejects \
+	tests/test_gates.py::test_merged_weights_tampered_after_the_merge_fail_equivalence
+test-libmin: libmin
+	$(LIBMIN)/bin/python -m pytest -q --durations=0 $(LIBMIN_TESTS)
 
 demo: install
 	$(BIN)/trainpipe demo
@@ -44,4 +81,4 @@ tiny-model: install
 	$(BIN)/python -m trainpipe.stages.tiny_model --write-assets
 
 clean:
-	rm -rf $(VENV) trainpipe-demo .pytest_cache
+	rm -rf $(VENV) $(LIBMIN) trainpipe-demo .pytest_cache

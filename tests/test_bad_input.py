@@ -455,7 +455,13 @@ _Hub.__name__ = "LocalEntryNotFoundError"
     (TimeoutError("read timed out"), "transient", "io"),
     (FileNotFoundError(2, "No such file or directory"), "user", "user"),
     (PermissionError(13, "Permission denied"), "user", "user"),
-    (OSError(28, "No space left on device"), "user", "user"),
+    # A full disk, a quota, a read-only mount: the environment's, resumable once fixed (test_disk_full.py)
+    (OSError(28, "No space left on device"), "environment", "disk"),
+    (OSError(122, "Disk quota exceeded"), "environment", "disk"),
+    (OSError(30, "Read-only file system"), "environment", "disk"),
+    (RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on '
+                  'device" })'), "environment", "disk"),
+    (RuntimeError("(sqlite3.OperationalError) database or disk is full"), "environment", "disk"),
     (OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the "
              "cached files."), "user", "user"),
     (RuntimeError("Error(s) in loading state_dict: size mismatch for lm_head.weight"), "user", "user"),
@@ -465,7 +471,8 @@ _Hub.__name__ = "LocalEntryNotFoundError"
     (TypeError("unsupported operand"), "bug", "bug"),
 ])
 def test_failure_kinds(exc: BaseException, kind: str, cause: str) -> None:
-    assert failures.classify(exc) == failures.Failure(kind, cause)
+    failure = failures.classify(exc)
+    assert (failure.kind, failure.cause) == (kind, cause)
     assert failures.retryable(kind) == (kind == "transient")
 
 

@@ -217,3 +217,20 @@ def test_fingerprint_follows_settings_data_and_upstream(tmp_path):
     # merge.dtype changes merge and what follows it.
     changed = _fingerprints(["merge.dtype=bfloat16"])
     assert changed["sft"] == base["sft"] and changed["merge"] != base["merge"] and changed["dpo"] != base["dpo"]
+
+
+def test_base_model_identity_sees_a_file_changed_since_it_was_hashed(tmp_path):
+    """The identity of a local base model is hashed once per process and reused (engine/fingerprint.py);
+    a file rewritten since, even to the same size, must still change it."""
+    from trainpipe.engine.fingerprint import base_model_identity
+
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"a" * 4096)
+    (model / "config.json").write_text("{}")
+    first = base_model_identity(str(model))
+    assert base_model_identity(str(model)) == first
+    weights.write_bytes(b"b" * 4096)  # same size, new content and mtime
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    assert base_model_identity(str(model)) != first

@@ -23,16 +23,18 @@ def _ledger(db: str | None, ledger: Ledger | None) -> Ledger:
 
 def run(config: str | os.PathLike[str], *, overrides: list[str] | None = None, sft_dataset: str | None = None,
         preference_dataset: str | None = None, db: str | None = None, ledger: Ledger | None = None,
-        observer: Observer | None = None, use_cache: bool = True, from_stage: str | None = None) -> RunResult:
+        observer: Observer | None = None, use_cache: bool = True, from_stage: str | None = None,
+        force: bool = False) -> RunResult:
     """Validate the config and datasets, then run the pipeline. Raises TrainpipeError on bad input.
 
     A stage whose fingerprint matches one that passed in an earlier run reuses that output unless
-    `use_cache` is false; `from_stage` retrains that stage and every later one."""
+    `use_cache` is false; `from_stage` retrains that stage and every later one. `force` starts even
+    when the output filesystem looks too small for what the run will write."""
     from trainpipe.engine import runner
 
     return runner.start(str(config), ledger=_ledger(db, ledger), overrides=overrides, sft_dataset=sft_dataset,
                         preference_dataset=preference_dataset, observer=observer, use_cache=use_cache,
-                        from_stage=from_stage)
+                        from_stage=from_stage, force=force)
 
 
 def data_preview(config: str | os.PathLike[str], *, overrides: list[str] | None = None,

@@ -6,6 +6,7 @@ EXIT_OK = 0
 EXIT_STAGE_FAILED = 1
 EXIT_USAGE = 2
 EXIT_GATE_REJECTED = 3
+EXIT_ENVIRONMENT = 75  # sysexits' EX_TEMPFAIL: a full disk; free space, then resume
 EXIT_INTERRUPTED = 130
 
 

@@ -72,10 +72,13 @@ def run(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Train every stage; reuse no earlier output.")] = False,
     from_stage: Annotated[str | None, typer.Option("--from-stage", help="Train this stage and every later one; "
                                                    "earlier ones may come from the cache.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start even if the output filesystem has less free "
+                                        "space than the run is estimated to write.")] = False,
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Start a new run. Exit codes: 0 ok, 1 stage failed, 2 bad input, 3 gate rejected, 130 interrupted.
+    """Start a new run. Exit codes: 0 ok, 1 stage failed, 2 bad input, 3 gate rejected, 75 disk full
+    (free space, then resume), 130 interrupted.
 
     A stage whose fingerprint (settings, inputs, versions) matches a stage that passed in an earlier
     run, and whose files still verify, is reused (`cached`) instead of trained."""
@@ -86,7 +89,7 @@ def run(
         return
     _drive(lambda ledger, observer: api.run(config, ledger=ledger, overrides=set_ or [], sft_dataset=sft_dataset,
                                             preference_dataset=preference_dataset, observer=observer,
-                                            use_cache=not no_cache, from_stage=from_stage),
+                                            use_cache=not no_cache, from_stage=from_stage, force=force),
            _renderer(json_output), db)
 
 
@@ -113,7 +116,8 @@ def resume(
     run_id: Annotated[str, typer.Argument(help="The run to continue (see `trainpipe status`).")],
     force: Annotated[bool, typer.Option("--force", help="Resume even though the environment changed in a way "
                                         "that breaks resuming (world size, a major library version, "
-                                        "cpu<->cuda); the differences are recorded.")] = False,
+                                        "cpu<->cuda; the differences are recorded), or the output "
+                                        "filesystem looks too small for the stages left.")] = False,
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -311,6 +315,18 @@ def _crash_report(exc: BaseException) -> int:
     return EXIT_STAGE_FAILED
 
 
+def _disk_report(failure) -> int:
+    from trainpipe.engine.disk import full_disk_message
+    from trainpipe.errors import EXIT_ENVIRONMENT
+
+    run_id = _session["run_id"]
+    message = full_disk_message(failure.where or ".", failure.reason or "no space left on device", run_id=run_id)
+    if not run_id:
+        message += "; free space there and run the command again"
+    sys.stderr.write(f"error: {message}\n")
+    return EXIT_ENVIRONMENT
+
+
 def main() -> None:
     # Click's standalone mode handles usage errors (exit 2) and typer.Exit; our own errors become one
     # message and their exit code, and anything else one screen and exit 1: never a traceback.
@@ -322,6 +338,13 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - the last resort; the traceback goes to a file
+        from trainpipe.failures import ENVIRONMENT, classify
+
+        failure = classify(exc)
+        if failure.kind == ENVIRONMENT:
+            # A full disk is not a bug, wherever it surfaced: one message, no crash log (there may be
+            # no room for one anyway).
+            sys.exit(_disk_report(failure))
         sys.exit(_crash_report(exc))
 
 

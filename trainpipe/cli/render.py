@@ -20,7 +20,7 @@ STATE_STYLE = {"succeeded": "green", "passed": "green", "running": "cyan", "vali
 
 
 PLAIN_TABLE_ROWS = 200
-KIND_LABEL = {"user": "input error", "transient": "transient error", "bug": "bug"}  # trainpipe/failures.py
+KIND_LABEL = {"user": "input error", "transient": "transient error", "environment": "disk full", "bug": "bug"}  # trainpipe/failures.py
 
 
 def _when(ts: float | None) -> str:
@@ -353,6 +353,10 @@ class Renderer:
         elif result.state == "failed" and result.error_kind == "bug":
             self.out.print(f"Not retried: this looks like a bug; the traceback is in "
                            f"[bold]trainpipe inspect {result.run_id}[/]. Resume with: "
+                           f"[bold]trainpipe resume {result.run_id}[/]", soft_wrap=True)
+        elif result.error_kind == "environment":
+            self.out.print("The disk is full (an environment error): nothing was lost. Free space there "
+                           "(or move output_dir to a larger disk), then: "
                            f"[bold]trainpipe resume {result.run_id}[/]", soft_wrap=True)
         elif result.state in ("interrupted", "failed"):
             self.out.print(f"resume with: [bold]trainpipe resume {result.run_id}[/]", soft_wrap=True)

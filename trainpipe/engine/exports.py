@@ -40,8 +40,9 @@ def stage_file_payload(stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
             **{k: v for k, v in metrics.items() if k.startswith("rewards/")}}
 
 
-def pipeline_result(ledger: Ledger, run_id: str) -> dict[str, Any]:
-    run = ledger.get_run(run_id)
+def pipeline_result(ledger: Ledger, run_id: str, as_if: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`as_if`: run fields as they will be once the run reaches its final state (runner._finish)."""
+    run = {**ledger.get_run(run_id), **(as_if or {})}
     stages = {s["name"]: s for s in ledger.stages(run_id)}
     attempts = _latest_attempts(ledger, run_id)
     stage_results: dict[str, Any] = {}
@@ -89,10 +90,10 @@ def pipeline_result(ledger: Ledger, run_id: str) -> dict[str, Any]:
     }
 
 
-def write_exports(ledger: Ledger, run_id: str) -> dict[str, Any]:
+def write_exports(ledger: Ledger, run_id: str, as_if: dict[str, Any] | None = None) -> dict[str, Any]:
     run = ledger.get_run(run_id)
     run_dir = Path(run["run_dir"])
-    result = pipeline_result(ledger, run_id)
+    result = pipeline_result(ledger, run_id, as_if)
     attempts = _latest_attempts(ledger, run_id)
     for row in ledger.stages(run_id):
         name = row["name"]

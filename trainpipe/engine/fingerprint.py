@@ -92,8 +92,22 @@ def base_model_identity(name: str) -> dict[str, Any]:
     local = Path(name).expanduser()
     if local.is_dir():
         files = sorted(p for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts)
-        return {"local": _digest([(str(p.relative_to(local)), sha256_file(p)) for p in files])}
+        return {"local": _digest([(str(p.relative_to(local)), _unchanged_file_hash(p)) for p in files])}
     return {"hub": name, "revision": _hub_revision(name)}
+
+
+# (resolved path, size, mtime_ns) -> sha256. A run asks for the base model's identity more than once
+# (its lineage at creation, its stages' fingerprints, a resume's environment check); a 0.5B model is
+# ~1 GB to read each time. A file rewritten in place changes its mtime, so a stale hash is not reused.
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _unchanged_file_hash(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = sha256_file(path)
+    return _FILE_HASHES[key]
 
 
 def _hub_revision(repo_id: str) -> str | None:

@@ -24,11 +24,16 @@ WEIGHTS = ("*.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def check(config: PipelineConfig, ledger: Ledger, *, needs_base_model: bool = True) -> None:
-    """PreflightError listing every problem, or None when the run can start."""
-    problems = [p for p in (output_dir_problem(config.output_dir), ledger_problem(ledger),
-                            base_model_problem(config.base_model) if needs_base_model else None,
+def check(config: PipelineConfig, ledger: Ledger, *, needs_base_model: bool = True,
+          disk_stages: list[str] | None = None, check_disk: bool = True) -> None:
+    """PreflightError listing every problem, or None when the run can start. `disk_stages`: the
+    stages still to write (a resume), default all; `check_disk=False` (`--force`) skips the space check."""
+    output_problem = output_dir_problem(config.output_dir)
+    base_problem = base_model_problem(config.base_model) if needs_base_model else None
+    problems = [p for p in (output_problem, ledger_problem(ledger), base_problem,
                             upload_problem(config), *tracker_problems(config)) if p]
+    if check_disk and not output_problem and not base_problem:
+        problems += [p for p in [disk_space_problem(config, disk_stages)] if p]
     if problems:
         message = problems[0] if len(problems) == 1 else (
             f"{len(problems)} problems stop this run:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -39,6 +44,23 @@ def check(config: PipelineConfig, ledger: Ledger, *, needs_base_model: bool = Tr
 def output_dir_problem(output_dir: str) -> str | None:
     problem = dir_problem(output_dir)
     return f"output_dir '{output_dir}': {problem}" if problem else None
+
+
+def disk_space_problem(config: PipelineConfig, stages: list[str] | None = None) -> str | None:
+    """The output filesystem has less free space than the run's estimated writes (engine/disk.py)."""
+    from trainpipe.engine.disk import estimate, existing_ancestor, free_bytes, human
+
+    found = estimate(config, stages)
+    if found is None or not found.stages:
+        return None  # a Hub model not cached yet: its size is unknown without a download
+    free = free_bytes(config.output_dir)
+    if free >= found.total:
+        return None
+    return (f"output_dir '{config.output_dir}': its filesystem ({existing_ancestor(config.output_dir)}) has "
+            f"{human(free)} free, and this run will write about {human(found.total)}: "
+            + "; ".join(s.line() for s in found.stages)
+            + ". Free space, point output_dir at a larger disk, or save fewer checkpoints (a larger "
+              "checkpoint_every_n_steps); `--force` starts anyway")
 
 
 def ledger_problem(ledger: Ledger) -> str | None:

@@ -35,6 +35,7 @@ from trainpipe.errors import (
     EXIT_GATE_REJECTED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_ENVIRONMENT,
     EXIT_STAGE_FAILED,
     EXIT_USAGE,
     ConfigError,
@@ -94,18 +95,19 @@ def new_run_id(pipeline_id: str) -> str:
 def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = None,
           sft_dataset: str | None = None, preference_dataset: str | None = None,
           observer: Observer | None = None, run_id: str | None = None, use_cache: bool = True,
-          from_stage: str | None = None, cwd: str | None = None) -> RunResult:
+          from_stage: str | None = None, cwd: str | None = None, force: bool = False) -> RunResult:
     """Validate everything, then create and drive a new run. Bad input raises before any write.
 
     `use_cache=False` trains every stage; `from_stage` trains that stage and every later one, and
-    lets earlier ones come from the cache."""
+    lets earlier ones come from the cache. `force` starts even when the output filesystem looks too
+    small for the run (preflight's disk estimate)."""
     worker_mode()
     config = load_config(config_path, overrides=overrides, sft_dataset=sft_dataset,
                          preference_dataset=preference_dataset, cwd=cwd)
     check_from_stage(config, from_stage, config_path)
     observer = observer or Observer()
     validate_inputs(config, observer)
-    preflight.check(config, ledger)
+    preflight.check(config, ledger, check_disk=not force)
     run_id = check_run_id(run_id or new_run_id(config.pipeline_id))
     run_dir = inside(config.output_dir, run_id)
     snapshot = config.model_dump(mode="json")
@@ -137,7 +139,9 @@ def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None, for
                                 hint="start a new run with `trainpipe run`")
     config = config_from_snapshot(run["config_snapshot"])
     environment, env_notes = check_environment(ledger, run, config, force=force)
-    preflight.check(config, ledger, needs_base_model=_needs_base_model(ledger, run_id, config))
+    pending = [s["name"] for s in ledger.stages(run_id) if s["state"] not in STAGE_DONE]
+    preflight.check(config, ledger, needs_base_model=_needs_base_model(ledger, run_id, config),
+                    disk_stages=pending, check_disk=not force)
     # The compare-and-set makes the claim exclusive: of two concurrent resumes, one loses here.
     try:
         ledger.transition_run(run_id, "resume", _fsm("run", "resume"), expect_state=state, set_owner=True,
@@ -310,6 +314,11 @@ def _drive(ledger: Ledger, run_id: str, observer: Observer, fault_point: str | N
                     return _finish(ledger, run_id, "interrupt", EXIT_INTERRUPTED, errors, observer)
                 if end.state == "rejected":
                     return _finish(ledger, run_id, "reject", EXIT_GATE_REJECTED, errors, observer, end.gate)
+                if end.state == "failed" and end.error_kind == failures.ENVIRONMENT:
+                    # A full disk: nothing is wrong and nothing is lost; the run waits for space, like a
+                    # stopped one, and a sweep stops at it rather than failing trial after trial.
+                    return _finish(ledger, run_id, "interrupt", EXIT_ENVIRONMENT, errors, observer,
+                                   error_kind=end.error_kind)
                 if end.state == "failed":
                     code = EXIT_USAGE if end.error_kind == failures.USER else EXIT_STAGE_FAILED
                     return _finish(ledger, run_id, "fail", code, errors, observer, error_kind=end.error_kind)
@@ -318,9 +327,12 @@ def _drive(ledger: Ledger, run_id: str, observer: Observer, fault_point: str | N
             # An orchestrator failure must not leave the run `running` behind a live-looking owner,
             # to be shown later as `interrupted` as if it had been killed: it is `failed`, with why.
             # If the run already left `running`, keep that state and let the original error surface.
-            failure = failures.classify(exc) if isinstance(exc, Exception) else None
+            failure = (failures.classify(exc, written_dirs=[run_dir, config.output_dir])
+                       if isinstance(exc, Exception) else None)
             kind = failure.kind if failure else None
             message = failures.describe(exc)
+            if failure is not None and kind == failures.ENVIRONMENT:
+                return _stopped_by_disk(ledger, run_id, run_dir, failure, observer, errors)
             try:
                 ledger.transition_run(run_id, "fail", _fsm("run", "fail"), clear_owner=True, expect_state="running",
                                       detail={"error": message, "kind": kind}, error=message, error_kind=kind,
@@ -339,12 +351,69 @@ def _drive(ledger: Ledger, run_id: str, observer: Observer, fault_point: str | N
 
 def _finish(ledger: Ledger, run_id: str, trigger: str, exit_code: int, errors: list[str], observer: Observer,
             gate: GateOutcome | None = None, error_kind: str | None = None) -> RunResult:
+    # The result files are written before the final state, as that state will read: a full disk then
+    # leaves a finished run `interrupted`, and its resume writes them, where after `succeeded` nothing could.
+    finished_at = time.time()
+    as_if = {"state": next_state("run", RunState.RUNNING.value, trigger), "finished_at": finished_at,
+             "error": "; ".join(errors) if errors else None}
+    try:
+        write_exports(ledger, run_id, as_if=as_if)
+    except OSError as exc:
+        failure = failures.classify(exc)
+        if failure.kind != failures.ENVIRONMENT:
+            raise
+        if error_kind != failures.ENVIRONMENT:  # a stage stopped by the same full disk said it already
+            errors.append(_disk_message(failure, Path(ledger.get_run(run_id)["run_dir"]), run_id,
+                                        "writing the result files (pipeline_result.json, metrics.json)",
+                                        needed=f"they need ~{_exports_size(ledger, run_id, as_if)}"))
+        if trigger == "succeed":
+            trigger, exit_code, error_kind = "interrupt", EXIT_ENVIRONMENT, failures.ENVIRONMENT
     state = ledger.transition_run(run_id, trigger, _fsm("run", trigger), clear_owner=True,
-                                  detail={"errors": errors} if errors else {},
+                                  detail={"errors": errors} if errors else {}, finished_at=finished_at,
                                   error="; ".join(errors) if errors else None, error_kind=error_kind)
     run = ledger.get_run(run_id)
-    write_exports(ledger, run_id)
     return RunResult(run_id, state, exit_code, run["run_dir"], run["final_model_path"], errors, gate, error_kind)
+
+
+def _disk_message(failure: failures.Failure, run_dir: Path, run_id: str, doing: str,
+                  needed: str | None = None) -> str:
+    from trainpipe.engine.disk import full_disk_message
+
+    return f"{doing}: " + full_disk_message(failure.where or run_dir, failure.reason or "no space left on device",
+                                            needed=needed)
+
+
+def _exports_size(ledger: Ledger, run_id: str, as_if: dict[str, Any]) -> str:
+    import json
+
+    from trainpipe.engine.disk import human
+    from trainpipe.engine.exports import pipeline_result
+
+    # Written twice (the run dir and output_dir), each through a temporary file, plus small per-stage files.
+    return human(2 * len(json.dumps(pipeline_result(ledger, run_id, as_if), indent=2, default=str)) + 4096)
+
+
+def _stopped_by_disk(ledger: Ledger, run_id: str, run_dir: Path, failure: failures.Failure, observer: Observer,
+                     errors: list[str]) -> RunResult:
+    """The orchestrator's own write (a spec, the run dir, the result files) hit a full disk: the run
+    stops `interrupted` with that one message, resumable once there is space; never a crash report."""
+    message = _disk_message(failure, run_dir, run_id, "trainpipe could not write")
+    errors.append(message)
+    try:
+        ledger.transition_run(run_id, "interrupt", _fsm("run", "interrupt"), clear_owner=True, expect_state="running",
+                              detail={"errors": errors}, error="; ".join(errors), error_kind=failures.ENVIRONMENT)
+    except StaleState:
+        pass  # already out of `running`: its state stands; the message still says what happened
+    else:
+        # A stage caught mid-attempt (its spec could not be written) is failed, as for a killed owner,
+        # so that the resume starts it again from its newest verified checkpoint.
+        ledger.close_open_attempts(run_id, "failed", message)
+        for stage in ledger.stages(run_id):
+            if stage["state"] in ("running", "validating"):
+                ledger.transition_stage(run_id, stage["name"], "fail", _fsm("stage", "fail"),
+                                        detail={"error": message, "error_kind": failures.ENVIRONMENT})
+    state = ledger.get_run(run_id)["state"]
+    return RunResult(run_id, state, EXIT_ENVIRONMENT, str(run_dir), None, errors, error_kind=failures.ENVIRONMENT)
 
 
 def _upload_stage(ledger: Ledger, run_id: str, config: PipelineConfig, observer: Observer) -> StageEnd:
@@ -610,6 +679,8 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
             outcome.result.setdefault("metrics", {})["data"] = data_record
             return _validate(ledger, run_id, config, name, attempt_id, outcome, observer, work_dir)
 
+        if outcome.error_kind == failures.ENVIRONMENT:
+            outcome.error = f"{outcome.error}; {_stage_need_text(config, name)}"
         attempt_outcome = {"timed_out": "timed_out", "interrupted": "interrupted"}.get(outcome.kind, "failed")
         ledger.close_attempt(attempt_id, attempt_outcome, exit_code=outcome.exit_code, error=outcome.error,
                              error_kind=outcome.error_kind, metrics={"data": data_record} if data_record else None,
@@ -622,8 +693,10 @@ def _run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Pat
             return StageEnd("interrupted", outcome.error)
         if not failures.retryable(outcome.error_kind):
             if entry.retry_count > attempt_index:
-                what = "an input error" if outcome.error_kind == failures.USER else "a bug"
-                observer.note(f"{name}: not retried: {what} fails the same way on every attempt")
+                what = {failures.USER: "an input error fails the same way on every attempt",
+                        failures.ENVIRONMENT: "the disk stays full until space is freed"}.get(
+                    outcome.error_kind, "a bug fails the same way on every attempt")
+                observer.note(f"{name}: not retried: {what}")
             return StageEnd("failed", outcome.error, None, outcome.error_kind)
         if attempt_index == entry.retry_count:
             return StageEnd("failed", outcome.error, None, outcome.error_kind)
@@ -653,6 +726,15 @@ def _note_data_event(record: dict[str, dict[str, Any]], event: dict[str, Any], s
     else:
         entry.update({k: event[k] for k in ("action", "seconds", "rows", "key", "rebuilt_because") if k in event})
     return True
+
+
+def _stage_need_text(config: PipelineConfig, name: str) -> str:
+    """Roughly what the stage writes, for the message a full disk gets (engine/disk.py)."""
+    from trainpipe.engine.disk import estimate
+
+    found = estimate(config, [name])
+    need = found.of(name) if found else None
+    return f"this stage writes {need.line()}" if need else "the stage's size is unknown (a Hub model not cached)"
 
 
 def _launcher(config: PipelineConfig, name: str) -> dict[str, Any] | None:

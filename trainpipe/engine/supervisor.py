@@ -366,6 +366,13 @@ def run_child(spec_path: Path, *, events_path: Path, result_path: Path, log_path
         return ChildOutcome(False, result.get("kind", "error"), code, result.get("error"), result)
     if code is not None and code < 0:
         return ChildOutcome(False, "killed", code, f"stage process killed by {signal.Signals(-code).name}")
+    from trainpipe.engine.disk import full_disk_message, write_refusal
+
+    refusal = write_refusal(result_path.parent)
+    if refusal is not None:
+        # The stage failed on a full disk and could not even write why; the disk answers instead.
+        error = full_disk_message(result_path.parent, refusal[1]) + f" (the stage process exited with {code})"
+        return ChildOutcome(False, "disk", code, error, {"error_kind": kind_of("disk"), "error": error})
     return ChildOutcome(False, "no_result", code, f"stage process exited with {code} and no result; see {log_path}")
 
 

@@ -42,7 +42,8 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from trainpipe.config import config_from_snapshot
     from trainpipe.errors import TrainpipeError
-    from trainpipe.failures import USER, classify, describe
+    from trainpipe.engine.disk import full_disk_message
+    from trainpipe.failures import ENVIRONMENT, USER, classify, describe
     from trainpipe.stages.training import OtherRankDone, Preempted, install_preemption_handler
 
     install_preemption_handler()
@@ -72,17 +73,38 @@ def main(argv: list[str]) -> int:
         write_json_atomic(result_path, {"ok": False, "kind": "preempted", "error": str(exc)})
         return EXIT_PREEMPTED
     except BaseException as exc:  # noqa: BLE001 - classified here, decided on by the orchestrator
-        failure = classify(exc)
+        needed = _stage_need(ctx)
+        failure = classify(exc, written_dirs=[spec.work_dir, spec.output_dir],
+                           needed_bytes=needed.total if needed else 0)
         error = describe(exc)
         if failure.kind == USER and not isinstance(exc, TrainpipeError):
             # Library errors rarely say which model or file they were loading; the inputs do.
             error += " (stage inputs: " + ", ".join(f"{k}={v}" for k, v in spec.inputs.items() if v) + ")"
-        write_json_atomic(result_path, {"ok": False, "kind": failure.cause, "error_kind": failure.kind,
-                                        "error": error, "traceback": traceback.format_exc()})
-        traceback.print_exc()  # into stage.log
+        if failure.kind == ENVIRONMENT:
+            # The orchestrator adds what the stage writes (runner._stage_need_text).
+            error = full_disk_message(failure.where or spec.work_dir, failure.reason or "no space left on device")
+        try:
+            write_json_atomic(result_path, {"ok": False, "kind": failure.cause, "error_kind": failure.kind,
+                                            "error": error, "traceback": traceback.format_exc()})
+            traceback.print_exc()  # into stage.log
+        except OSError:
+            # The disk that failed the stage can fail its report too: the orchestrator, finding no
+            # result, asks the disk itself (engine/supervisor.py).
+            pass
         return 2 if failure.kind == USER else 1
     write_json_atomic(result_path, {"ok": True, **asdict(result), "gate": gate})
     return 0
+
+
+def _stage_need(ctx: StageContext) -> Any:
+    """What this stage writes (engine/disk.py), for the message a full disk gets; None if unknown."""
+    from trainpipe.engine.disk import estimate
+
+    try:
+        found = estimate(ctx.config, [ctx.spec.stage])
+    except Exception:  # noqa: BLE001 - an estimate must never hide the error being reported
+        return None
+    return found.of(ctx.spec.stage) if found else None
 
 
 def _rank_result_path(spec: StageSpec) -> Path:

@@ -1,0 +1,252 @@
+"""Disk space: what a run will write, what a filesystem has left, and the one message a full disk gets.
+
+The estimate is read from the base model's files (safetensors headers and config.json: no weights
+are loaded, no torch) and the config. It is rough on purpose, and it counts what transformers keeps:
+trainpipe sets no `save_total_limit`, so every checkpoint of a stage stays until the stage passes
+(`save_intermediate: false` deletes them then). Each part is named, so the message says what it counted.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Errors that mean "the filesystem will not take this write", whatever the write was.
+DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "chat_template.jinja", "added_tokens.json")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                           "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# trainer_state.json, training_args.bin, rng_state.pth, scheduler.pt, README.md, configs: ~30 kB measured
+# on the quickstart (a checkpoint of the tiny model is 306 kB, 69 kB of it the adapter).
+CHECKPOINT_OVERHEAD_BYTES = 64 * 1024
+# A write that failed with this much or less left on its filesystem failed for want of space.
+NEARLY_FULL_BYTES = 1024 * 1024
+
+
+@dataclass
+class StageNeed:
+    stage: str
+    parts: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(size for _, size in self.parts)
+
+    def line(self) -> str:
+        return f"{self.stage} ~{human(self.total)} (" + ", ".join(f"{label} {human(size)}" for label, size in self.parts) + ")"
+
+
+@dataclass
+class Estimate:
+    stages: list[StageNeed]
+
+    @property
+    def total(self) -> int:
+        return sum(s.total for s in self.stages)
+
+    def of(self, stage: str) -> StageNeed | None:
+        return next((s for s in self.stages if s.stage == stage), None)
+
+
+def human(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(size) < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def existing_ancestor(path: str | os.PathLike[str]) -> Path:
+    """The directory itself, or the nearest parent that exists (what a `mkdir -p` would write into)."""
+    current = Path(path).expanduser().absolute()
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    return current if current.is_dir() else current.parent
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int:
+    return shutil.disk_usage(existing_ancestor(path)).free
+
+
+def write_refusal(directory: str | os.PathLike[str], needed_bytes: int = 0) -> tuple[int, str] | None:
+    """(errno, reason) when `directory`'s filesystem refuses writes now: read-only, or (nearly) full,
+    that is with less free than `needed_bytes` (what the failed step was estimated to write) or 1 MB.
+
+    A probe write finds the real errno (ENOSPC, EDQUOT, EROFS) where the error that reached us lost
+    it: torch's writer reports a short write as `basic_ios::clear: iostream error` or
+    `PytorchStreamWriter failed writing file`, and safetensors as its own error type."""
+    where = existing_ancestor(directory)
+    try:
+        stats = os.statvfs(where)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return errno.EROFS, DISK_ERRNOS[errno.EROFS]
+    probe = where / f".trainpipe-space-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
+            return exc.errno, DISK_ERRNOS[exc.errno]
+        return None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    if stats.f_bavail * stats.f_frsize <= max(NEARLY_FULL_BYTES, needed_bytes):
+        return errno.ENOSPC, DISK_ERRNOS[errno.ENOSPC]
+    return None
+
+
+def full_disk_message(directory: str | os.PathLike[str], reason: str, *, needed: str | None = None,
+                      run_id: str | None = None) -> str:
+    """The one message every full-disk error gets: where, how much is free, roughly what was needed
+    and, given the run, what to do (otherwise the run summary says it). Free space and size are
+    measured now, not at the moment of the failed write."""
+    where = existing_ancestor(directory)
+    try:
+        usage = shutil.disk_usage(where)
+        space = f"{human(usage.free)} free of {human(usage.total)}"
+    except OSError:
+        space = "free space unknown"
+    text = f"{reason}: {where} ({space})"
+    if needed:
+        text += f"; {needed}"
+    if run_id:
+        text += f"; free space there (or move output_dir to a larger disk), then `trainpipe resume {run_id}`"
+    return text
+
+
+# ------------------------------------------------------------------------------ the estimate
+
+
+def estimate(config: Any, stages: list[str] | None = None) -> Estimate | None:
+    """Bytes each enabled stage (or those in `stages`) will write, or None when the base model's size
+    cannot be read without a download (a Hub id not in the local cache)."""
+    model = _model_dir(config.base_model)
+    if model is None:
+        return None
+    shapes = _model_shapes(model)
+    if shapes is None:
+        return None
+    params, tokenizer_bytes, arch = shapes
+    wanted = [s for s in ("sft", "merge", "dpo") if config.enabled(s) and (stages is None or s in stages)]
+    needs = []
+    for stage in wanted:
+        need = StageNeed(stage)
+        if stage == "merge":
+            need.parts.append((f"merged model ({config.merge.dtype})", params * DTYPE_BYTES[config.merge.dtype]
+                               + tokenizer_bytes))
+        else:
+            settings = getattr(config, stage)
+            adapter = _lora_params(arch, settings.lora_r, settings.target_modules) * 4  # adapters train in float32
+            count = _checkpoint_count(config, stage, settings)
+            if count:
+                # Each checkpoint: the adapter, AdamW's two moments of it, the tokenizer, trainer state.
+                one = adapter * 3 + tokenizer_bytes + CHECKPOINT_OVERHEAD_BYTES
+                need.parts.append((f"{count} checkpoints", count * one))
+            need.parts.append(("adapter", adapter + tokenizer_bytes))
+            if stage == "dpo" and settings.save_merged:
+                # dpo.py's _save_merged writes the merged copy as the policy was loaded: full precision.
+                need.parts.append(("merged copy (float32)", params * 4 + tokenizer_bytes))
+        needs.append(need)
+    return Estimate(needs)
+
+
+def _model_dir(name: str) -> Path | None:
+    from trainpipe.stages.tiny_model import ASSET_DIR, is_builtin
+
+    if is_builtin(name):
+        return ASSET_DIR
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    cached = try_to_load_from_cache(name, "config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def _model_shapes(model: Path) -> tuple[int, int, dict[str, Any]] | None:
+    """(parameter count, tokenizer bytes, config.json) from the files' headers alone."""
+    try:
+        arch = json.loads((model / "config.json").read_text(encoding="utf-8"))
+        params = sum(_safetensors_numel(path) for path in model.glob("*.safetensors"))
+    except (OSError, ValueError, struct.error):
+        return None
+    if not params:
+        return None
+    tokenizer_bytes = sum((model / name).stat().st_size for name in TOKENIZER_FILES if (model / name).is_file())
+    return params, tokenizer_bytes, arch.get("text_config") or arch
+
+
+def _safetensors_numel(path: Path) -> int:
+    # The format: an 8-byte little-endian header length, then a JSON header of dtype/shape/offsets.
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+
+
+def _lora_params(arch: dict[str, Any], rank: int, targets: list[str]) -> int:
+    """LoRA parameters of a Llama/Qwen-shaped decoder: rank x (in + out) per targeted projection."""
+    hidden = int(arch.get("hidden_size") or 0)
+    layers = int(arch.get("num_hidden_layers") or 0)
+    heads = int(arch.get("num_attention_heads") or 1)
+    head_dim = int(arch.get("head_dim") or (hidden // heads if heads else 0))
+    kv = int(arch.get("num_key_value_heads") or heads) * head_dim
+    inter = int(arch.get("intermediate_size") or 4 * hidden)
+    dims = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+            "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+            "down_proj": (inter, hidden)}
+    per_layer = sum(rank * (a + b) for name, (a, b) in dims.items() if name in targets)
+    # Modules this table does not know (another architecture's names): count them as square.
+    per_layer += sum(rank * 2 * hidden for name in targets if name not in dims)
+    return per_layer * layers
+
+
+def _checkpoint_count(config: Any, stage: str, settings: Any) -> int:
+    """transformers saves every `save_steps` and at the last step, and keeps them all."""
+    steps = settings.max_steps
+    if not steps:
+        rows = _rows(config.datasets.sft if stage == "sft" else config.datasets.preference)
+        if rows is None:
+            return 0
+        per_step = settings.batch_size * settings.gradient_accumulation
+        steps = math.ceil(math.ceil(rows / per_step) * settings.epochs)
+    return math.ceil(steps / config.checkpoint_interval(stage))
+
+
+def _rows(source: Any) -> int | None:
+    """Training rows of a local JSONL source (its non-blank lines); None for any other source, whose
+    row count the estimate then goes without."""
+    from trainpipe.errors import DatasetError
+    from trainpipe.stages import sources
+
+    try:
+        if source is None or not sources.read_line_by_line(source):
+            return None
+        files = sources.local_files(source)
+    except DatasetError:
+        return None
+    count = 0
+    for file in files:
+        with open(file, "rb") as handle:
+            count += sum(1 for line in handle if line.strip())
+    return count
