@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -234,3 +235,127 @@ def test_base_model_identity_sees_a_file_changed_since_it_was_hashed(tmp_path):
     weights.write_bytes(b"b" * 4096)  # same size, new content and mtime
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
     assert base_model_identity(str(model)) != first
+
+
+TASK_API_DIR = QUICKSTART.parent.parent / "examples" / "task_api"
+
+
+def _changed_copy(tmp_path: Path, name: str) -> Path:
+    """A copy of a shipped file with one character changed: same rows, same format, other content."""
+    copy = tmp_path / f"changed-{name}"
+    text = (TASK_API_DIR / name).read_text(encoding="utf-8")
+    copy.write_text(text.replace("e", "E", 1), encoding="utf-8")
+    return copy
+
+
+# What each stage's output depends on beyond its own settings (README, "Stage cache"): each input
+# changed alone, and the stages whose fingerprint must change with it. SFT's change carries on to
+# merge and DPO through `upstream`; gate 3 (DPO's) reads the eval and red-team sets.
+INPUTS = {
+    "datasets.preference": (lambda tmp: f"datasets.preference={_changed_copy(tmp, 'preference.jsonl')}", {"dpo"}),
+    "datasets.preference_eval": (
+        lambda tmp: f"datasets.preference_eval={_changed_copy(tmp, 'preference_eval.jsonl')}", {"dpo"}),
+    "datasets.eval": (lambda tmp: f"datasets.eval={_changed_copy(tmp, 'eval.jsonl')}", {"sft", "merge", "dpo"}),
+    "validation.redteam_file": (
+        lambda tmp: f"validation.redteam_file={_changed_copy(tmp, 'redteam.jsonl')}", {"dpo"}),
+    "trust_remote_code": (lambda tmp: "trust_remote_code=true", {"sft", "merge", "dpo"}),
+    "backend": (lambda tmp: "backend=unsloth", {"sft", "merge", "dpo"}),
+}
+
+
+@pytest.mark.parametrize("what", sorted(INPUTS))
+def test_fingerprint_follows_each_input(what, tmp_path):
+    override, stages = INPUTS[what]
+    base = _fingerprints([])
+    changed = _fingerprints([override(tmp_path)])
+    assert {stage for stage in base if changed[stage] != base[stage]} == stages
+
+
+@pytest.mark.parametrize("package", ["torch", "transformers", "trl", "peft", "trainpipe"])
+def test_fingerprint_follows_each_library_version(package, monkeypatch):
+    import importlib.metadata
+
+    base = _fingerprints([])
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: real(name) + ".post1" if name == package else real(name))
+    changed = _fingerprints([])
+    assert all(changed[stage] != base[stage] for stage in base), package
+
+
+@pytest.mark.parametrize("how", ["ATEN_CPU_CAPABILITY", "cuda"])
+def test_fingerprint_follows_the_cpu_kernel_and_the_device(how, monkeypatch):
+    from trainpipe.engine import fingerprint
+
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    base = _fingerprints([])
+    if how == "ATEN_CPU_CAPABILITY":
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    else:
+        monkeypatch.setattr(fingerprint, "cuda_device_visible", lambda: True)
+    changed = _fingerprints([])
+    assert all(changed[stage] != base[stage] for stage in base), how
+
+
+def test_fingerprint_follows_a_local_base_models_content_not_its_path(tmp_path):
+    from trainpipe.stages.tiny_model import ASSET_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(ASSET_DIR, model)
+    base = _fingerprints([f"base_model={model}"])
+    # The same files elsewhere: the same model.
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(model, moved)
+    assert _fingerprints([f"base_model={moved}"]) == base
+    # One byte of the weights changed, size unchanged.
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    changed = _fingerprints([f"base_model={model}"])
+    assert all(changed[stage] != base[stage] for stage in base)
+
+
+@pytest.mark.slow
+def test_origin_deleted_after_a_hard_linked_reuse_and_the_newest_candidate_damaged(tmp_path, db_url):
+    """SFT and merge (DPO off to keep it short). Run 2 reuses both from run 1 through hard links; run 1's
+    directory is then deleted, and nothing breaks: run 3 reuses SFT from run 2 and trains merge on it.
+    Then the newest SFT candidate (run 3's) loses a file: run 4 reuses the older one, run 2's."""
+    overrides = fast_overrides(tmp_path / "out") + ["stages.dpo.enabled=false"]
+    ledger = Ledger(db_url)
+    first = trainpipe.run(QUICKSTART, overrides=overrides)
+    assert first.state == "succeeded", first.errors
+    second = trainpipe.run(QUICKSTART, overrides=overrides)
+    assert second.state == "succeeded", second.errors
+    assert _states(ledger, second.run_id) == {"sft": "cached", "merge": "cached", "dpo": "skipped"}
+    adapter2 = Path(second.run_dir) / "sft" / "adapter_model.safetensors"
+    merged2 = Path(second.run_dir) / "merged" / "model.safetensors"
+    assert adapter2.stat().st_ino == (Path(first.run_dir) / "sft" / "adapter_model.safetensors").stat().st_ino
+    merged_bytes = merged2.read_bytes()
+
+    shutil.rmtree(first.run_dir)
+
+    # Run 2 still holds its whole output: every recorded file is there with its sha256.
+    verified = subprocess.run([sys.executable, "-m", "trainpipe.cli.app", "verify", second.run_id, "--json"],
+                              capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    third = trainpipe.run(QUICKSTART, overrides=overrides, from_stage="merge")
+    assert third.state == "succeeded", third.errors
+    assert _states(ledger, third.run_id) == {"sft": "cached", "merge": "passed", "dpo": "skipped"}
+    assert _stage(ledger, third.run_id, "sft")["cached_from_run"] == second.run_id
+    # Merge trained in run 3, read SFT from run 3's own dir, and made the same model as run 1 did.
+    assert len(ledger.attempts(third.run_id, "merge")) == 1
+    assert json.loads((Path(third.run_dir) / "merged" / "merge_info.json").read_text())["adapter_path"] == str(
+        Path(third.run_dir) / "sft")
+    assert (Path(third.run_dir) / "merged" / "model.safetensors").read_bytes() == merged_bytes
+
+    # The newest candidate is run 3's SFT; it loses a file.
+    newest, older = ledger.cache_candidates("sft", _stage(ledger, third.run_id, "sft")["fingerprint"],
+                                            exclude_run="none")[:2]
+    assert (newest["run_id"], older["run_id"]) == (third.run_id, second.run_id)
+    (Path(third.run_dir) / "sft" / "adapter_model.safetensors").unlink()
+    fourth = trainpipe.run(QUICKSTART, overrides=overrides)
+    assert fourth.state == "succeeded", fourth.errors
+    assert _trained(ledger, fourth.run_id) == []
+    assert _stage(ledger, fourth.run_id, "sft")["cached_from_run"] == second.run_id
+    assert (Path(fourth.run_dir) / "sft" / "adapter_model.safetensors").read_bytes() == adapter2.read_bytes()

@@ -90,3 +90,35 @@ def test_second_resume_refuses_while_owner_alive(tmp_path, db_url):
     # The killed owner's lock never blocks a later resume.
     resumed = cli("resume", run_id)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+
+
+def test_transient_failures_are_retried_after_5_then_10_seconds(tmp_path, db_url, monkeypatch):
+    """The retry backoff, on a fake clock: the orchestrator's sleeps are recorded, not slept. Every SFT
+    attempt is SIGKILLed as it starts (a transient failure), so all retries are spent."""
+    import time
+    import types
+
+    from trainpipe.engine import runner
+
+    ledger = Ledger(db_url)
+    slept: list[tuple[float, list[str]]] = []
+
+    def fake_sleep(seconds: float) -> None:
+        # What the ledger held when the orchestrator went to sleep: which attempts had ended.
+        run_id = ledger.list_runs(limit=None)[0]["run_id"]
+        slept.append((seconds, [a["outcome"] for a in ledger.attempts(run_id, "sft")]))
+
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(time=time.time, strftime=time.strftime,
+                                                              sleep=fake_sleep))
+    monkeypatch.setattr(runner, "RETRY_BACKOFF_S", 5.0)
+    monkeypatch.setenv("TRAINPIPE_FAULT", json.dumps({"stage": "sft", "at": "start", "action": "sigkill"}))
+
+    result = trainpipe.run(QUICKSTART, overrides=fast_overrides(tmp_path / "out") + [
+        "stages.sft.retry_count=3", "stages.merge.enabled=false", "stages.dpo.enabled=false"])
+
+    assert result.state == "failed"
+    attempts = ledger.attempts(result.run_id, "sft")
+    assert [a["outcome"] for a in attempts] == ["failed"] * 4
+    assert all("SIGKILL" in a["error"] for a in attempts), [a["error"] for a in attempts]
+    # Doubling from TRAINPIPE_RETRY_BACKOFF_S, one sleep between each two attempts and none after the last.
+    assert slept == [(5.0, ["failed"]), (10.0, ["failed"] * 2), (20.0, ["failed"] * 3)]

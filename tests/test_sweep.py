@@ -213,3 +213,56 @@ def test_on_a_gpu_only_the_trials_whose_memory_shares_fit_train_at_once() -> Non
     assert trials_that_fit(4, 1.0, cuda=True) == 1
     assert trials_that_fit(3, 0.2, cuda=True) == 3
     assert trials_that_fit(4, 0.9, cuda=False) == 4  # CPU: N processes
+
+
+def test_tpe_with_parallel_is_refused_before_anything_is_written(tmp_path, db_url):
+    sweep = _sweep_file(tmp_path, name="tpe", strategy="tpe", n_trials=2,
+                        space={"dpo.beta": {"low": 0.05, "high": 0.5}},
+                        objective={"metric": "dpo.rewards/accuracies"})
+
+    proc = cli("sweep", str(sweep), "--parallel", "2", "--set", f"output_dir={tmp_path / 'out'}")
+
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{sweep}: key 'strategy': tpe runs one trial at a time" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    ledger = Ledger(db_url)
+    assert ledger.count_runs() == 0 and not (tmp_path / "out").exists()
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("owner", ["alive", "pid gone", "stale heartbeat elsewhere", "run finished"])
+def test_a_stage_lease_is_taken_over_only_from_a_run_that_is_gone(owner, db_url, tmp_path, monkeypatch):
+    """The lease on training one fingerprint (runner._lease): a run waits while the holder's run lives,
+    and takes the lease over once its owner is gone (pid gone here, heartbeat stale from another
+    host) or its run has ended."""
+    import time
+
+    from trainpipe.engine import liveness, runner
+    from trainpipe.engine.machine import next_state
+
+    ledger = Ledger(db_url)
+    for run_id in ("holder", "waiter"):
+        ledger.create_run(run_id=run_id, pipeline_id="p", config_snapshot={}, config_path=None,
+                          output_dir=str(tmp_path), run_dir=str(tmp_path / run_id), stages=["sft"])
+        ledger.transition_run(run_id, "start", lambda cur: next_state("run", cur, "start"), set_owner=True)
+    assert ledger.acquire_stage_lease("fp-sft", "sft", "holder") is None
+    if owner == "pid gone":
+        ledger.update_run("holder", owner_pid=_dead_pid())
+    elif owner == "stale heartbeat elsewhere":
+        monkeypatch.setattr(liveness, "STALE_AFTER_S", 30.0)
+        ledger.update_run("holder", owner_host="another-node", heartbeat_at=time.time() - 60)
+    elif owner == "run finished":
+        ledger.transition_run("holder", "fail", lambda cur: next_state("run", cur, "fail"), clear_owner=True)
+
+    holder = runner._lease(ledger, "waiter", "sft", "fp-sft")
+
+    (lease,) = ledger.stage_leases()
+    if owner == "alive":
+        assert holder is not None and holder["run_id"] == "holder" and lease["run_id"] == "holder"
+    else:
+        assert holder is None and lease["run_id"] == "waiter"

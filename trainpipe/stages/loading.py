@@ -58,11 +58,11 @@ def load_tokenizer(path: str, config: PipelineConfig):
     return tokenizer
 
 
-def _is_prequantized(path: str) -> bool:
+def _is_prequantized(path: str, config: PipelineConfig) -> bool:
     from transformers import AutoConfig
 
     try:
-        model_config = AutoConfig.from_pretrained(path)
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code, token=hub_token())
     except Exception:
         return False
     return getattr(model_config, "quantization_config", None) is not None
@@ -83,7 +83,7 @@ def load_causal_lm(path: str, config: PipelineConfig, *, load_in_4bit: bool = Fa
     if full_precision:
         kwargs["dtype"] = dtype or torch.float32
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        if getattr(model, "is_quantized", False) or _is_prequantized(path):
+        if getattr(model, "is_quantized", False) or _is_prequantized(path, config):
             model = model.dequantize()
         return model.to(dtype or torch.float32)
     if load_in_4bit:
