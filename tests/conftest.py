@@ -4,6 +4,7 @@ The built-in tiny model is built once per session into a shared cache (determini
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -106,7 +107,10 @@ def lesson_dir(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "lesson"
     (root / "configs").mkdir(parents=True)
     for name in LESSON_CONFIGS:
-        shutil.copy(REPO_ROOT / "configs" / name, root / "configs" / name)
+        # Without the comments, as the lesson writes them: tests edit the files line by line.
+        text = (REPO_ROOT / "configs" / name).read_text(encoding="utf-8")
+        lines = [re.sub(r"\s+#.*$", "", line) for line in text.splitlines() if not line.lstrip().startswith("#")]
+        (root / "configs" / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     shutil.copy(TASK_API / "sft.jsonl", root / "sft.jsonl")
     shutil.copy(TASK_API / "preference.jsonl", root / "preference.jsonl")
     monkeypatch.chdir(root)

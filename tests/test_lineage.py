@@ -99,8 +99,9 @@ def test_lineage_is_recorded_and_shown_by_inspect_and_the_exports(tmp_path: Path
     assert lineage["config_sha256"] == hashlib.sha256(
         json.dumps(run["config_snapshot"], sort_keys=True).encode()).hexdigest()
     assert lineage["seed"] == 42 == config_from_snapshot(run["config_snapshot"]).seed
-    assert lineage["datasets"]["sft"] == {"path": str(TASK_API / "sft.jsonl"),
-                                          "sha256": sha256_file(TASK_API / "sft.jsonl")}
+    assert lineage["datasets"]["sft"] == {"source": str(TASK_API / "sft.jsonl"),
+                                          "sha256": sha256_file(TASK_API / "sft.jsonl"),
+                                          "format": "auto", "columns": {}, "roles": {}}
     assert lineage["datasets"]["preference"]["sha256"] == sha256_file(TASK_API / "preference.jsonl")
     assert lineage["base_model"] == {"name": "builtin:tiny-qwen2", "builtin": "builtin:tiny-qwen2",
                                      "sha256sums": sha256_file(ASSET_DIR / CHECKSUMS)}

@@ -197,11 +197,21 @@ def _model_shapes(model: Path) -> tuple[int, int, dict[str, Any]] | None:
 
 
 def _safetensors_numel(path: Path) -> int:
+    """Parameters in a safetensors file, from its header alone. A file that is not safetensors counts
+    0 here: the estimate is a guide, and loading the model reports the bad file with its name."""
     # The format: an 8-byte little-endian header length, then a JSON header of dtype/shape/offsets.
     with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+        head = handle.read(8)
+        if len(head) < 8:
+            return 0
+        (length,) = struct.unpack("<Q", head)
+        if length > min(path.stat().st_size - 8, 100_000_000):
+            return 0
+        try:
+            header = json.loads(handle.read(length))
+            return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return 0
 
 
 def _lora_params(arch: dict[str, Any], rank: int, targets: list[str]) -> int:
