@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MAX_HEIGHT = 2000
+MAX_HEIGHT = 1650
 
 
 def trainpipe(*args: str, env: dict[str, str]) -> None:
