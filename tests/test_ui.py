@@ -161,8 +161,17 @@ def _write_xss_run(world) -> None:
             {"name": "evil_check", "passed": False, "severity": "error", "mode": "sequential",
              "value": XSS, "threshold": 1, "duration_s": 0.1, "details": f"generated: {XSS}"}])
         ledger.update_run("xss-run", error=f"boom {XSS}")
+        attempt_id, attempt = ledger.open_attempt("xss-run", "sft")
+        ledger.close_attempt(attempt_id, "failed", error=f"attempt said {XSS}")
     finally:
         ledger.close()
+    # A model output quoting a <script>, saved by the stage worker's own writer.
+    from trainpipe.stages.worker import _save_generations
+
+    work = world["root"] / "xss" / ".work" / "sft"
+    work.mkdir(parents=True)
+    _save_generations(work / f"generations-{attempt}.jsonl",
+                      [{"check": "evil_check", "prompt": "say hi", "output": XSS, "problem": "not JSON"}])
 
 
 def _open(browser, url: str) -> None:
@@ -249,6 +258,19 @@ def test_run_page_draws_the_loss_chart_and_every_gate_check(finished, browser):
              for t in browser.find_elements(By.CSS_SELECTOR, "table.gate")
              for r in t.find_elements(By.CSS_SELECTOR, "tbody tr")]
     assert sorted(shown) == sorted(checks)
+    # The outputs gate 3 generated and scored: every held-out and red-team prompt, those a check found
+    # a problem in marked: as many as the format check's value and the red-team check's count say.
+    eval_rows = len((REPO_ROOT / "examples" / "task_api" / "eval.jsonl").read_text().splitlines())
+    redteam_rows = len((REPO_ROOT / "examples" / "task_api" / "redteam.jsonl").read_text().splitlines())
+    rows = browser.find_elements(By.CSS_SELECTOR, "details.generations[data-stage=dpo] tbody tr")
+    assert len(rows) == eval_rows + redteam_rows
+
+    def check_value(name: str) -> float:
+        return float(_rows(finished["db_file"], "SELECT c.value FROM gate_checks c JOIN gate_results g ON "
+                           "c.gate_result_id = g.id WHERE g.run_id = ? AND c.name = ?", run_id, name)[0][0])
+
+    marked = [r for r in rows if "bad" in r.get_attribute("class").split()]
+    assert len(marked) == round((1 - check_value("output_format_valid")) * eval_rows) + int(check_value("no_harmful_content"))
     # The run's own path through the run machine is drawn: its current state outlined.
     assert browser.find_element(By.CSS_SELECTOR, "svg.fsm .node.current").text == "succeeded"
 
@@ -319,6 +341,8 @@ def test_ledger_content_is_shown_as_text_never_run(finished, browser):
     _open(browser, finished["server"].url + "/runs/xss-run")
     details = browser.find_element(By.CSS_SELECTOR, "table.gate td.details").text
     assert details == f"generated: {XSS}"
+    output = browser.execute_script("return document.querySelector('table.generations td.mono.details').textContent")
+    assert output == XSS
 
 
 def test_unknown_run_and_sweep_are_404_pages(finished, browser):

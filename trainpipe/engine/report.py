@@ -177,3 +177,18 @@ def live_progress(run_dir: str, stage: str, attempt: int) -> dict[str, Any] | No
             return {"step": int(event.get("step", 0)), "total": int(event["total"]),
                     "loss": (event.get("logs") or {}).get("loss"), "at": event.get("time")}
     return None
+
+
+def gate_generations(run_dir: str, stage: str, attempts: list[int], limit: int = 1000) -> list[dict[str, Any]]:
+    """The outputs the stage's gate generated and scored, as its worker saved them
+    (`<run dir>/.work/<stage>/generations-<attempt>.jsonl`, newest attempt that has one), those a
+    check found a problem in first. Empty for a stage without one, or a run dir out of reach."""
+    for attempt in sorted(attempts, reverse=True):
+        path = Path(run_dir) / ".work" / stage / f"generations-{attempt}.jsonl"
+        try:
+            with open(path, encoding="utf-8") as handle:
+                rows = [json.loads(line) for line, _ in zip(handle, range(limit)) if line.strip()]
+        except (OSError, ValueError):
+            continue
+        return sorted(rows, key=lambda row: row.get("problem") is None)
+    return []

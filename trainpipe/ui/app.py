@@ -173,9 +173,12 @@ class Dashboard:
                                              running["attempt_history"][-1]["attempt"])
             if progress is not None:
                 progress["stage"] = running["name"]
+        generations = {s["name"]: reports.gate_generations(report["run_dir"], s["name"],
+                                                           [a["attempt"] for a in s["attempt_history"]])
+                       for s in report["stages"] if s["gate"] and report["run_dir"]}
         walked_run = [(t["from_state"], t["to_state"]) for t in report["transitions"] if t["stage"] is None]
         walked_stage = [(t["from_state"], t["to_state"]) for t in report["transitions"] if t["stage"] is not None]
-        return {"r": report, "bars": bars, "progress": progress, "live": report["state"] in LIVE_STATES,
+        return {"r": report, "bars": bars, "progress": progress, "generations": generations, "live": report["state"] in LIVE_STATES,
                 "run_svg": fsm.svg("run", walked_run, report["state"]),
                 "stage_svg": fsm.svg("stage", walked_stage)}
 
