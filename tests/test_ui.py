@@ -6,7 +6,6 @@ fail instead (.ci/run installs it)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -275,20 +274,27 @@ def test_run_page_draws_the_loss_chart_and_every_gate_check(finished, browser):
     assert browser.find_element(By.CSS_SELECTOR, "svg.fsm .node.current").text == "succeeded"
 
 
+def _ledger_dump(db_file: Path) -> str:
+    """Every row of every table, as SQL text: read through the WAL, where a fresh write lands first
+    (the main file's bytes would not show it until a checkpoint)."""
+    conn = sqlite3.connect(db_file)
+    try:
+        return "\n".join(conn.iterdump())
+    finally:
+        conn.close()
+
+
 def test_verify_button_rehashes_and_writes_nothing(finished, browser):
     from selenium.webdriver.common.by import By
 
     db_file = finished["db_file"]
-    tables = [r[0] for r in _rows(db_file, "SELECT name FROM sqlite_master WHERE type = 'table'")]
-    counts = {t: _rows(db_file, f"SELECT COUNT(*) FROM {t}")[0][0] for t in tables}
-    digest = hashlib.sha256(db_file.read_bytes()).hexdigest()
+    before = _ledger_dump(db_file)
     _open(browser, f"{finished['server'].url}/runs/{finished['run_id']}")
     browser.find_element(By.ID, "verify-btn").click()
     summary = wait_for(lambda: browser.find_elements(By.ID, "verify-summary"), timeout=60, what="the verify result")[0]
     artifacts = _rows(db_file, "SELECT COUNT(DISTINCT path) FROM artifacts WHERE run_id = ?", finished["run_id"])[0][0]
     assert summary.get_attribute("data-ok") == "true" and f"all {artifacts} artifacts" in summary.text
-    assert {t: _rows(db_file, f"SELECT COUNT(*) FROM {t}")[0][0] for t in tables} == counts
-    assert hashlib.sha256(db_file.read_bytes()).hexdigest() == digest
+    assert _ledger_dump(db_file) == before
 
 
 def test_compare_page_overlays_curves_and_highlights_config_differences(finished, browser):
