@@ -283,6 +283,23 @@ def demo(
            _renderer(json_output), db)
 
 
+@app.command()
+def ui(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on. Anything but loopback needs --token.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free one).")] = 8420,
+    token: Annotated[str | None, typer.Option("--token", help="Secret every request must carry (?token=, then a "
+                                              "cookie) [env: TRAINPIPE_UI_TOKEN].", envvar="TRAINPIPE_UI_TOKEN",
+                                              show_default=False)] = None,
+    db: DbOption = None,
+) -> None:
+    """A read-only web dashboard over the ledger: runs, one run, compare, sweeps, state machines.
+    Needs the `ui` extra: pip install 'trainpipe[ui]'."""
+    from trainpipe.ui.server import serve
+
+    serve(db, host, port, token, announce=lambda line: print(line, flush=True))
+
+
 def _crash_report(exc: BaseException) -> int:
     """Last resort for an exception nobody expected (a bug): one screen on stderr, the whole traceback
     in a log file. Plain writes, no rich: this must work whatever else is broken."""

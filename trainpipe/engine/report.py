@@ -3,7 +3,10 @@ them as tables or JSON."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainpipe.engine import cache, liveness
@@ -13,10 +16,14 @@ if TYPE_CHECKING:
     from trainpipe.store.reader import LedgerReader
 
 
-def status_rows(ledger: LedgerReader, *, show_all: bool = False, limit: int = 20) -> list[dict[str, Any]]:
+def status_rows(ledger: LedgerReader, *, show_all: bool = False, limit: int = 20, offset: int = 0,
+                mark_abandoned: bool = True, **filters: Any) -> list[dict[str, Any]]:
+    """The `status` table. `filters` are list_runs' (states, pipeline, sweep, id_contains). With
+    `mark_abandoned` (the CLI), a run whose owner is gone is recorded as interrupted; without it (the
+    read-only web UI) it is only shown as interrupted."""
     now = time.time()
-    runs = ledger.list_runs(limit=None if show_all else limit)
-    runs = liveness.reconcile(ledger, runs, now)
+    runs = ledger.list_runs(limit=None if show_all else limit, offset=offset, **filters)
+    runs = settled(ledger, runs, now, mark_abandoned)
     progress = ledger.stage_progress([r["run_id"] for r in runs])
     rows = []
     for run in runs:
@@ -45,9 +52,21 @@ def stage_source(stage: dict[str, Any], has_attempts: bool) -> str | None:
     return "trained" if has_attempts else None
 
 
-def run_report(ledger: LedgerReader, run_id: str) -> dict[str, Any]:
+def settled(ledger: LedgerReader, runs: list[dict[str, Any]], now: float, mark_abandoned: bool) -> list[dict[str, Any]]:
+    """The runs with a dead owner's `running` shown as `interrupted`: recorded so (liveness.reconcile)
+    when `mark_abandoned`, else only in the rows returned, with the reason in `owner_gone`."""
+    if mark_abandoned:
+        return liveness.reconcile(ledger, runs, now)
+    shown = []
+    for run in runs:
+        reason = liveness.owner_gone(run, now) if run["state"] == "running" else None
+        shown.append({**run, "state": "interrupted", "owner_gone": reason} if reason else run)
+    return shown
+
+
+def run_report(ledger: LedgerReader, run_id: str, *, mark_abandoned: bool = True) -> dict[str, Any]:
     run = ledger.get_run(check_run_id(run_id))
-    run = liveness.reconcile(ledger, [run], time.time())[0]
+    run = settled(ledger, [run], time.time(), mark_abandoned)[0]
     attempts = ledger.attempts(run_id)
     checkpoints = ledger.checkpoints(run_id)
     gates = ledger.gates(run_id)
@@ -101,7 +120,8 @@ def run_report(ledger: LedgerReader, run_id: str) -> dict[str, Any]:
         "error": run["error"],
         "error_kind": run["error_kind"],
         "traceback": run["error_traceback"],
-        "owner": {"pid": run["owner_pid"], "host": run["owner_host"], "heartbeat_at": run["heartbeat_at"]},
+        "owner": {"pid": run["owner_pid"], "host": run["owner_host"], "heartbeat_at": run["heartbeat_at"],
+                  "gone": run.get("owner_gone")},
         "config": run["config_snapshot"],
         "lineage": lineage_view(run, ledger.artifacts(run_id)),
         "stages": stages,
@@ -134,3 +154,42 @@ def _curves(metrics: list[dict[str, Any]]) -> dict[str, dict[str, list[list[floa
             by_step.setdefault(row["stage"], {}).setdefault(row["name"], {})[row["step"]] = row["value"]
     return {stage: {name: [[step, values[step]] for step in sorted(values)] for name, values in series.items()}
             for stage, series in by_step.items()}
+
+
+def live_progress(run_dir: str, stage: str, attempt: int) -> dict[str, Any] | None:
+    """The newest step/total the running attempt's trainer reported, read from the attempt's event
+    stream (`<run dir>/.work/<stage>/events-<attempt>.jsonl`, the file the CLI's progress bar follows).
+    The ledger records metrics only when a stage ends; None where the file is not reachable (a run on
+    another machine) or has no progress yet."""
+    path = Path(run_dir) / ".work" / stage / f"events-{attempt}.jsonl"
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 16384))
+            tail = handle.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(tail):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # the first line of the tail may be cut, the last one half-written
+        if isinstance(event, dict) and event.get("type") in ("progress", "log") and event.get("total"):
+            return {"step": int(event.get("step", 0)), "total": int(event["total"]),
+                    "loss": (event.get("logs") or {}).get("loss"), "at": event.get("time")}
+    return None
+
+
+def gate_generations(run_dir: str, stage: str, attempts: list[int], limit: int = 1000) -> list[dict[str, Any]]:
+    """The outputs the stage's gate generated and scored, as its worker saved them
+    (`<run dir>/.work/<stage>/generations-<attempt>.jsonl`, newest attempt that has one), those a
+    check found a problem in first. Empty for a stage without one, or a run dir out of reach."""
+    for attempt in sorted(attempts, reverse=True):
+        path = Path(run_dir) / ".work" / stage / f"generations-{attempt}.jsonl"
+        try:
+            with open(path, encoding="utf-8") as handle:
+                rows = [json.loads(line) for line, _ in zip(handle, range(limit)) if line.strip()]
+        except (OSError, ValueError):
+            continue
+        return sorted(rows, key=lambda row: row.get("problem") is None)
+    return []

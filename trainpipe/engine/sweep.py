@@ -43,6 +43,7 @@ from trainpipe.errors import (
 from trainpipe.paths import check_run_id
 from trainpipe.stages.base import write_json_atomic
 from trainpipe.store.ledger import HOST, Ledger, StaleState
+from trainpipe.store.reader import LedgerReader
 from trainpipe.sweepfile import Range, SweepSpec, load_sweep, param_overrides, trial_count
 
 
@@ -143,10 +144,14 @@ def _plan(spec: SweepSpec, sweep_id: str) -> list[tuple[int, dict[str, Any], str
     return plan
 
 
+def _owner_dead(sweep: dict[str, Any]) -> bool:
+    return bool(sweep["state"] == "running" and sweep["owner_host"] == HOST and sweep["owner_pid"]
+                and not liveness.pid_alive(sweep["owner_pid"]))
+
+
 def reconcile(ledger: Ledger, sweep: dict[str, Any]) -> dict[str, Any]:
     """A `running` sweep whose owner died on this host is `interrupted` (compare-and-set)."""
-    if sweep["state"] == "running" and sweep["owner_host"] == HOST and sweep["owner_pid"] \
-            and not liveness.pid_alive(sweep["owner_pid"]):
+    if _owner_dead(sweep):
         try:
             ledger.set_sweep_state(sweep["sweep_id"], "interrupted", expect_state="running")
         except StaleState:
@@ -439,10 +444,15 @@ def objective_value(ledger: Ledger, run_id: str, metric: str) -> float | None:
         return None
 
 
-def report(ledger: Ledger, sweep_id: str) -> dict[str, Any]:
+def report(ledger: LedgerReader, sweep_id: str, *, mark_abandoned: bool = True) -> dict[str, Any]:
     """The comparison: one row per trial (params, each gate's state, objective, wall time, which stages
-    trained), the best eligible trial, and how many stage trainings the sweep ran."""
-    sweep = reconcile(ledger, ledger.get_sweep(sweep_id))
+    trained), the best eligible trial, and how many stage trainings the sweep ran. Without
+    `mark_abandoned` (the read-only web UI) a dead owner's sweep is shown interrupted, not recorded so."""
+    sweep = ledger.get_sweep(sweep_id)
+    if mark_abandoned:
+        sweep = reconcile(ledger, sweep)  # type: ignore[arg-type]
+    elif _owner_dead(sweep):
+        sweep = {**sweep, "state": "interrupted"}
     spec = _spec(sweep)
     rows = []
     trainings = {name: 0 for name in STAGE_ORDER}

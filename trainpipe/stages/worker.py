@@ -154,7 +154,18 @@ def _run_gate(ctx: StageContext, result: Any) -> dict[str, Any] | None:
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
     outcome = evaluate(gate_ctx)
+    _save_generations(Path(ctx.spec.events_path).with_name(f"generations-{ctx.spec.attempt}.jsonl"),
+                      gate_ctx.generations)
     return {"gate": outcome.gate, "checks": outcome.as_rows()}
+
+
+def _save_generations(path: Path, generations: list[dict[str, Any]]) -> None:
+    """What the gate's checks generated and scored (held-out and red-team outputs, with the problem a
+    check found in each), next to the attempt's events: `trainpipe ui` shows them under the gate."""
+    if generations:
+        lines = [json.dumps({k: g.get(k) for k in ("check", "prompt", "output", "problem")}, default=str)
+                 for g in generations]
+        Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _fault_at(fault: dict[str, Any], point: str) -> None:

@@ -366,13 +366,6 @@ class Ledger(LedgerReader):
                                                  spec=spec, created_at=now, updated_at=now,
                                                  owner_pid=os.getpid(), owner_host=HOST))
 
-    def get_sweep(self, sweep_id: str) -> dict[str, Any]:
-        with self._engine.connect() as conn:
-            row = conn.execute(select(s.sweeps).where(s.sweeps.c.sweep_id == sweep_id)).mappings().first()
-        if row is None:
-            raise RunNotFound(f"no sweep with id '{sweep_id}'")
-        return dict(row)
-
     def set_sweep_state(self, sweep_id: str, state: str, *, expect_state: str | None = None,
                         set_owner: bool = False, **fields: Any) -> None:
         """Move a sweep to `state`; with `expect_state`, only from that state (a compare-and-set, as for
@@ -461,17 +454,6 @@ class Ledger(LedgerReader):
             conn.execute(update(s.sweep_trials).where(s.sweep_trials.c.sweep_id == sweep_id,
                                                       s.sweep_trials.c.number == number)
                          .values(state="done", objective=objective, finished_at=time.time()))
-
-    def sweep_trials(self, sweep_id: str) -> list[dict[str, Any]]:
-        with self._engine.connect() as conn:
-            return [dict(r) for r in conn.execute(select(s.sweep_trials).where(
-                s.sweep_trials.c.sweep_id == sweep_id).order_by(s.sweep_trials.c.number)).mappings()]
-
-    def find_run(self, run_id: str) -> dict[str, Any] | None:
-        try:
-            return self.get_run(run_id)
-        except RunNotFound:
-            return None
 
     def heartbeat(self, run_id: str) -> bool:
         """Refresh the owner's heartbeat; False if this process no longer owns the run."""

@@ -200,17 +200,28 @@ class LedgerReader:
             raise RunNotFound(f"no run with id '{run_id}'", hint="`trainpipe status --all` lists runs")
         return rows[0]
 
-    def list_runs(self, *, limit: int | None = 50, states: Iterable[str] | None = None) -> list[dict[str, Any]]:
-        """Newest first, without the config snapshot (large, and a listing never needs it)."""
+    def list_runs(self, *, limit: int | None = 50, offset: int = 0, states: Iterable[str] | None = None,
+                  pipeline: str | None = None, sweep: str | None = None,
+                  id_contains: str | None = None) -> list[dict[str, Any]]:
+        """Newest first, without the config snapshot (large, and a listing never needs it). The filters
+        are those of `trainpipe ui`'s runs page; `count_runs` takes the same ones."""
         params: dict[str, Any] = {}
-        where = ""
-        if states is not None:
-            where = f"WHERE state IN ({_placeholders('state', list(states), params)})"
-        sql = f"SELECT {_RUN_LISTING} FROM runs {where} ORDER BY created_at DESC"
+        where = _run_filter(params, states, pipeline, sweep, id_contains)
+        # run_id breaks created_at ties, so pages neither repeat nor skip a run.
+        sql = f"SELECT {_RUN_LISTING} FROM runs {where} ORDER BY created_at DESC, run_id"
         if limit:
-            sql += " LIMIT :limit"
-            params["limit"] = limit
+            sql += " LIMIT :limit OFFSET :offset"
+            params.update(limit=limit, offset=offset)
         return self._read(sql, **params)
+
+    def count_runs(self, *, states: Iterable[str] | None = None, pipeline: str | None = None,
+                   sweep: str | None = None, id_contains: str | None = None) -> int:
+        params: dict[str, Any] = {}
+        where = _run_filter(params, states, pipeline, sweep, id_contains)
+        return int(self._read(f"SELECT COUNT(*) AS n FROM runs {where}", **params)[0]["n"] or 0)
+
+    def pipelines(self) -> list[str]:
+        return [r["pipeline_id"] for r in self._read("SELECT DISTINCT pipeline_id FROM runs ORDER BY pipeline_id")]
 
     def stage_progress(self, run_ids: list[str]) -> dict[str, tuple[int, int]]:
         """run_id -> (stages done, stages total), for the status table."""
@@ -226,9 +237,6 @@ class LedgerReader:
 
     def stages(self, run_id: str) -> list[dict[str, Any]]:
         return self._read("SELECT * FROM stages WHERE run_id = :run_id ORDER BY position", run_id=run_id)
-
-    def count_runs(self) -> int:
-        return int(self._read("SELECT COUNT(*) AS n FROM runs")[0]["n"] or 0)
 
     # ------------------------------------------------------------ what happened in a run
 
@@ -282,6 +290,31 @@ class LedgerReader:
             current = rows[0]["cached_from_run"]
         return None
 
+    # ------------------------------------------------------------ sweeps
+
+    def get_sweep(self, sweep_id: str) -> dict[str, Any]:
+        rows = self._read("SELECT * FROM sweeps WHERE sweep_id = :sweep_id", sweep_id=sweep_id)
+        if not rows:
+            raise RunNotFound(f"no sweep with id '{sweep_id}'")
+        return rows[0]
+
+    def list_sweeps(self) -> list[dict[str, Any]]:
+        """Newest first, with how many trials each has and how many are done."""
+        return self._read("SELECT s.sweep_id, s.state, s.sweep_file, s.created_at, s.finished_at, "
+                          "COUNT(t.number) AS trials, SUM(CASE WHEN t.state = 'done' THEN 1 ELSE 0 END) AS done "
+                          "FROM sweeps s LEFT JOIN sweep_trials t ON t.sweep_id = s.sweep_id "
+                          "GROUP BY s.sweep_id, s.state, s.sweep_file, s.created_at, s.finished_at "
+                          "ORDER BY s.created_at DESC")
+
+    def sweep_trials(self, sweep_id: str) -> list[dict[str, Any]]:
+        return self._read("SELECT * FROM sweep_trials WHERE sweep_id = :sweep_id ORDER BY number", sweep_id=sweep_id)
+
+    def find_run(self, run_id: str) -> dict[str, Any] | None:
+        try:
+            return self.get_run(run_id)
+        except RunNotFound:
+            return None
+
     def integrity_check(self) -> str:
         return str(self._read("PRAGMA integrity_check")[0]["integrity_check"])
 
@@ -289,6 +322,25 @@ class LedgerReader:
 def _from_json(value: Any) -> Any:
     # A JSON column has NUMERIC affinity in SQLite: the text '0.5' comes back as the float 0.5.
     return json.loads(value) if isinstance(value, str) else value
+
+
+def _run_filter(params: dict[str, Any], states: Iterable[str] | None, pipeline: str | None, sweep: str | None,
+                id_contains: str | None) -> str:
+    clauses = []
+    if states is not None:
+        clauses.append(f"state IN ({_placeholders('state', list(states), params)})")
+    if pipeline:
+        clauses.append("pipeline_id = :pipeline")
+        params["pipeline"] = pipeline
+    if sweep:
+        clauses.append("run_id IN (SELECT run_id FROM sweep_trials WHERE sweep_id = :sweep)")
+        params["sweep"] = sweep
+    if id_contains:
+        # '!' as the escape character: SQLite has no default one, PostgreSQL's is the backslash.
+        escaped = id_contains.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+        clauses.append("run_id LIKE :id_like ESCAPE '!'")
+        params["id_like"] = f"%{escaped}%"
+    return ("WHERE " + " AND ".join(clauses)) if clauses else ""
 
 
 def _placeholders(prefix: str, values: list[Any], params: dict[str, Any]) -> str:

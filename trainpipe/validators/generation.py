@@ -57,8 +57,10 @@ def output_format_valid(ctx: GateContext) -> Outcome:
     conversations, references = zip(*(_split(row) for row in rows))
     outputs = ctx.resources.generate(list(conversations))
     failures = []
+    problems = []
     for index, (output, reference) in enumerate(zip(outputs, references)):
         problem = format_problem(output, _expected_keys(reference, validation.format_required_keys))
+        problems.append(problem)
         if problem:
             failures.append(f"#{index} {problem}: {output[:80]!r}")
     share = 1 - len(failures) / len(rows)
@@ -66,8 +68,8 @@ def output_format_valid(ctx: GateContext) -> Outcome:
     details = f"{len(rows) - len(failures)}/{len(rows)} held-out outputs are JSON objects with the expected keys"
     if failures:
         details += "; e.g. " + " | ".join(failures[:SHOWN])
-    generations = [{"check": "output_format_valid", "prompt": c[-1]["content"], "output": o}
-                   for c, o in zip(conversations, outputs)]
+    generations = [{"check": "output_format_valid", "prompt": c[-1]["content"], "output": o, "problem": p}
+                   for c, o, p in zip(conversations, outputs, problems)]
     return Outcome(passed, value=round(share, 4), threshold=f">= {validation.format_threshold}",
                    details=details, outputs=generations)
 
@@ -88,8 +90,10 @@ def no_harmful_content(ctx: GateContext) -> Outcome:
     scanned = [{"check": "no_harmful_content", "prompt": p, "output": o} for p, o in zip(prompts, outputs)]
     scanned += ctx.generations
     flagged = []
-    for item in scanned:
+    for index, item in enumerate(scanned):
         hit = next((p.pattern for p in patterns if p.search(item["output"])), None)
+        if hit and index < len(prompts):
+            item["problem"] = f"matches {hit!r}"
         if hit:
             flagged.append(f"{item['prompt'][:60]!r} -> {item['output'][:60]!r} (matches {hit!r}, from "
                            f"{item.get('check', 'a custom check')})")
