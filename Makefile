@@ -46,7 +46,9 @@ libmin: $(LIBMIN)/.installed
 # The quickstart end to end (gate 3 passing), a SIGKILL/resume, the stage cache, gates 1 and 2 rejecting,
 # on that set (CI runs it after `make test`; a subset, to keep CI under 20 min).
 LIBMIN_TESTS ?= "tests/test_e2e.py::test_quickstart_cli_end_to_end[avx2]" \
-	tests/test_resume.py::test_sigkill_after_sft_then_resume_reuses_sft tests/test_cache.py \
+	"tests/test_resume.py::test_sigkill_after_sft_then_resume_reuses_sft[sqlite]" \
+	tests/test_data_cache.py::test_resumed_attempt_reuses_tokenized_data_and_ends_bit_identical \
+	tests/test_sources.py tests/test_cache.py::test_fingerprint_follows_settings_data_and_upstream \
 	tests/test_gates.py::test_diverging_learning_rate_gives_nan_and_gate1_rejects \
 	tests/test_gates.py::test_merged_weights_tampered_after_the_merge_fail_equivalence
 test-libmin: libmin

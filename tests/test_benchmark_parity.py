@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import QUICKSTART, REPO_ROOT
 from helpers import cli
 
@@ -17,6 +18,10 @@ from helpers import cli
 LOOSE_GATES = ["validation.max_loss=50", "validation.min_accuracy=0", "validation.max_new_tokens=8",
                "validation.checks.output_format_valid.severity=warn", "validation.checks.loss_went_down.severity=warn"]
 
+
+# Two whole pipelines (trainpipe and the plain script) on a 3-layer model: ~60 s on 2 cores, so it
+# runs in `make matrix`, beside the other extended scenarios.
+pytestmark = pytest.mark.extended
 
 def _random_model(directory: Path) -> Path:
     """The tiny model's config with one more layer and random weights, saved as safetensors beside its

@@ -317,6 +317,7 @@ def test_fingerprint_follows_a_local_base_models_content_not_its_path(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_origin_deleted_after_a_hard_linked_reuse_and_the_newest_candidate_damaged(tmp_path, db_url):
     """SFT and merge (DPO off to keep it short). Run 2 reuses both from run 1 through hard links; run 1's
     directory is then deleted, and nothing breaks: run 3 reuses SFT from run 2 and trains merge on it.

@@ -37,7 +37,7 @@ def sft_only(output_dir: Path, data: Path) -> list[str]:
     return [f"output_dir={output_dir}", f"datasets.sft={data}", "stages.merge.enabled=false",
             "stages.dpo.enabled=false", "sft.max_steps=12", "checkpoint_every_n_steps=3",
             "validation.checks.loss_went_down.severity=warn", "validation.checks.output_format_valid.severity=warn",
-            "validation.max_new_tokens=32"]
+            "validation.max_new_tokens=32", "validation.max_eval_rows=8"]
 
 
 def sets(overrides: list[str]) -> list[str]:
@@ -101,11 +101,6 @@ def test_damaged_cache_entry_is_rebuilt_not_trained_on(tmp_path, db_url):
     assert rebuilt["action"] == "prepared" and rebuilt["key"] == prepared["key"]
     assert rebuilt["rebuilt_because"].endswith("does not match its sha256")
     assert data_cache._verify(entry) is None  # whole again
-
-    third = cli("run", str(QUICKSTART), "--no-cache", *sets(overrides))
-    assert third.returncode == 0, third.stdout + third.stderr
-    newest = max(ledger.list_runs(), key=lambda r: r["created_at"])["run_id"]
-    assert sft_data(ledger, newest)[0]["action"] == "reused"
 
 
 def test_bad_source_exits_2_before_anything_is_written(tmp_path, db_url, monkeypatch):

@@ -488,6 +488,7 @@ def test_two_nodes_train_the_same_adapter_as_two_ranks_on_one(tmp_path, db_url, 
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_rank_dying_on_the_other_node_is_retried_from_the_checkpoint(tmp_path, db_url, ddp_reference):
     """Node 1's rank (global rank 1) is SIGKILLed at step 3: node 0's rank loses its peer, the attempt
     fails as transient, the retry resumes from checkpoint-2, and node 1 serves the retry too."""
@@ -520,6 +521,7 @@ def test_join_refuses_a_run_without_multi_node_stages_and_a_bad_node_rank(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_two_node_run_whose_orchestrator_is_killed_resumes_with_the_same_follower(tmp_path, db_url, ddp_reference):
     """Node 0's `trainpipe run` is SIGKILLed after checkpoint-4: every rank on both nodes stops, the
     follower stays, and `trainpipe resume` on node 0 brings both nodes back from checkpoint-4 to the
