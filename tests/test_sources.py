@@ -158,6 +158,46 @@ def test_ultrafeedback_shape_becomes_prompt_and_replies(tmp_path):
     implicit = write_jsonl(tmp_path / "implicit.jsonl",
                            [{k: v for k, v in as_ultrafeedback(r).items() if k != "prompt"} for r in PREF_ROWS])
     assert data.validate(implicit, "preference")["format"] == "preference_implicit"
+    assert data.training_dataset(load_config(QUICKSTART, preference_dataset=str(implicit)), "preference").to_list() \
+        == data.training_dataset(config, "preference").to_list()
+
+
+@pytest.mark.parametrize("shape", ["ultrafeedback", "implicit", "strings"])
+def test_preference_shapes_train_dpo(shape, tmp_path):
+    """A few real DPO steps through TRL on each preference shape, from the same pairs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from trainpipe.stages.tiny_model import ensure_tiny_model
+    from trainpipe.stages.training import patch_trl_for_cpu
+
+    convert = {"ultrafeedback": as_ultrafeedback, "strings": dict,
+               "implicit": lambda r: {k: v for k, v in as_ultrafeedback(r).items() if k != "prompt"}}[shape]
+    config = load_config(QUICKSTART, preference_dataset=str(
+        write_jsonl(tmp_path / "pref.jsonl", [convert(r) for r in PREF_ROWS])))
+    base = ensure_tiny_model("builtin:tiny-qwen2")
+    patch_trl_for_cpu()
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        args=DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=2, per_device_train_batch_size=4, use_cpu=True,
+                       bf16=False, report_to="none", max_length=128, save_strategy="no", disable_tqdm=True,
+                       logging_steps=1),
+        processing_class=AutoTokenizer.from_pretrained(base),
+        train_dataset=data.training_dataset(config, "preference"))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    first = trainer.train_dataset[0]
+    assert first["chosen_ids"] != first["rejected_ids"] and first["prompt_ids"]
+    assert [e for e in trainer.state.log_history if "rewards/accuracies" in e]
+
+
+def test_text_rows_train_with_loss_on_every_token(tmp_path):
+    path = write_jsonl(tmp_path / "text.jsonl", [{"text": r["messages"][1]["content"] + " -> " +
+                                                 r["messages"][2]["content"]} for r in SFT_ROWS])
+    tokenized, trainer = tokenized_sft(sft_config(str(path)), tmp_path)
+    assert trainer.state.global_step == 2
+    assert -100 not in tokenized["labels"][0] and tokenized["labels"][0] == tokenized["input_ids"][0]
 
 
 # ------------------------------------------------------------------ source kinds
