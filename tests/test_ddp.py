@@ -460,6 +460,7 @@ def _run_two_nodes(tmp_path: Path, db_url: str, fault: dict | None = None, sets:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_two_nodes_train_the_same_adapter_as_two_ranks_on_one(tmp_path, db_url, ddp_reference):
     # Rank 0's gate takes 8 s or more (a check that sleeps to its timeout): node 1 must leave its
     # torchrun alone until node 0's exits.
