@@ -82,25 +82,38 @@ def test_resumed_attempt_reuses_tokenized_data_and_ends_bit_identical(tmp_path, 
     assert max_abs_diff(adapter(reference_run["run_dir"]), adapter(ledger.get_run(run_id)["run_dir"])) == 0.0
 
 
-def test_damaged_cache_entry_is_rebuilt_not_trained_on(tmp_path, db_url):
-    overrides = sft_only(tmp_path / "out", TASK_API / "sft.jsonl") + ["sft.max_steps=2"]
-    first = cli("run", str(QUICKSTART), *sets(overrides))
-    assert first.returncode == 0, first.stdout + first.stderr
-    ledger = Ledger(db_url)
-    [prepared] = sft_data(ledger, only_run_id(db_url))
-    entry = data_cache.cache_root() / prepared["key"]
-    arrow = next(entry.rglob("*.arrow"))
+class _Events:
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    def emit(self, kind: str, **data) -> None:
+        self.seen.append({"type": kind, **data})
+
+
+def test_damaged_cache_entry_is_rebuilt_not_trained_on():
+    """A byte flipped in a stored entry: the lookup refuses it, says why, removes it, and the next
+    preparation stores a whole one again (what the stage then records as `rebuilt_because`)."""
+    import datasets
+
+    prepared = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5]], "labels": [[-100, 2, 3], [4, 5]]})
+    events = _Events()
+    entry = data_cache.Entry("sft", "sft-sft-test")
+    assert entry.lookup(events) is None  # nothing stored yet
+    entry.store(prepared, 0.1, events)
+    assert data_cache._verify(entry.path) is None
+    assert data_cache.Entry("sft", entry.key).lookup(events)["input_ids"] == [[1, 2, 3], [4, 5]]
+
+    arrow = next(entry.path.rglob("*.arrow"))
     damaged = bytearray(arrow.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
     arrow.write_bytes(bytes(damaged))
-
-    again = cli("run", str(QUICKSTART), "--no-cache", *sets(overrides))
-    assert again.returncode == 0, again.stdout + again.stderr
-    newest = max(ledger.list_runs(), key=lambda r: r["created_at"])["run_id"]
-    [rebuilt] = sft_data(ledger, newest)
-    assert rebuilt["action"] == "prepared" and rebuilt["key"] == prepared["key"]
-    assert rebuilt["rebuilt_because"].endswith("does not match its sha256")
-    assert data_cache._verify(entry) is None  # whole again
+    again = data_cache.Entry("sft", entry.key)
+    assert again.lookup(events) is None
+    assert again.record["rebuilt_because"].endswith("does not match its sha256")
+    assert not entry.path.exists()
+    again.store(prepared, 0.1, events)
+    assert data_cache._verify(entry.path) is None
+    assert [e["action"] for e in events.seen if e["type"] == "data"] == ["prepared", "reused", "prepared"]
 
 
 def test_bad_source_exits_2_before_anything_is_written(tmp_path, db_url, monkeypatch):
