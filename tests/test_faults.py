@@ -69,6 +69,7 @@ def test_stage_timeout_kills_process_group_and_fails_run(tmp_path, db_url, monke
     assert "trainpipe resume" in proc.stdout
 
 
+@pytest.mark.extended  # CI's budget: `make matrix` runs it; test_concurrency shows the exclusive claim
 def test_second_resume_refuses_while_owner_alive(tmp_path, db_url):
     import signal
 

@@ -59,6 +59,7 @@ def test_stage_crash_retry_resumes_from_checkpoint_bit_identical(tmp_path, db_ur
     assert_identical(reference_weights, final_weights(Path(result.run_dir)))
 
 
+@pytest.mark.extended  # CI's budget: `make matrix` runs it
 def test_corrupt_newest_checkpoint_is_skipped_with_reason(tmp_path, db_url, reference_weights):
     fault = {"stage": "sft", "step": 7, "action": "pause", "seconds": 120, "once_file": str(tmp_path / "fired")}
     proc = start_run(QUICKSTART, resume_overrides(tmp_path / "out"), fault)
