@@ -238,6 +238,7 @@ def test_recording_lineage_imports_no_torch() -> None:
     assert proc.stdout.strip() == "[]"
 
 
+@pytest.mark.extended  # CI's budget: `make matrix` runs it
 def test_auto_world_size_follows_the_cpus_and_a_resume_on_more_is_refused_unless_forced(
         tmp_path: Path, db_url: str) -> None:
     """`nproc_per_node: auto` resolves to the CPUs the process may use: created on one CPU (taskset's

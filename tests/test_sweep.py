@@ -107,7 +107,10 @@ def test_beta_sweep_killed_resumes_trains_shared_stages_once_and_never_chooses_a
 
 
 # On PostgreSQL too: trial claims, the stage lease and the reuse are compare-and-sets between processes.
-@pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.extended)], indirect=True)
+# Both backends run in `make matrix` (CI's budget); the claims and the lease are also shown by the
+# lease tests below and by tests/test_concurrency.py.
+@pytest.mark.parametrize("db_url", [pytest.param("sqlite", marks=pytest.mark.extended),
+                                    pytest.param("postgresql", marks=pytest.mark.extended)], indirect=True)
 def test_parallel_workers_never_train_a_trial_or_a_shared_stage_twice(tmp_path, db_url):
     # Two trials that share SFT (merge off to keep it short), run by this process and one `--worker`.
     sweep = _sweep_file(tmp_path, name="par", space={"dpo.beta": [0.1, 0.3]},

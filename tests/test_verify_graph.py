@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import QUICKSTART, fast_overrides
 from helpers import cli
 
@@ -59,6 +60,7 @@ def test_graph_is_drawn_from_the_transition_tables() -> None:
         assert drawn == want
 
 
+@pytest.mark.extended  # CI's budget: `make matrix` runs it
 def test_inspect_draws_curves_as_sparklines_and_into_a_png(tmp_path: Path, db_url: str) -> None:
     sets = fast_overrides(tmp_path / "out")
     cli("run", QUICKSTART, "--db", db_url, *[a for s in sets for a in ("--set", s)], check=True)

@@ -58,6 +58,7 @@ def test_worker_spawn_env_falls_back_to_a_fresh_interpreter(tmp_path: Path, db_u
     assert not (Path(result.run_dir) / ".work" / "worker.log").exists(), "no pre-imported worker was started"
 
 
+@pytest.mark.extended  # CI's budget: `make matrix` runs it
 def test_worker_that_refuses_to_fork_falls_back_and_says_so(tmp_path: Path, db_url: str, monkeypatch) -> None:
     """What happens on a GPU box whose worker has CUDA initialised, simulated by a test hook."""
     from trainpipe.engine.runner import Observer
