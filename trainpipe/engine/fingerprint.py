@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from trainpipe.checkpoints import sha256_file
+from trainpipe import versions
 from trainpipe.config import PipelineConfig
 from trainpipe.stages.sources import identity as source_identity
 
@@ -54,13 +55,7 @@ def _file_hash(path: str | None) -> str | None:
 
 
 def package_versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return versions.package_versions(names)
 
 
 def cuda_device_visible() -> bool:

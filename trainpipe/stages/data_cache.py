@@ -23,6 +23,7 @@ from typing import Any
 
 from trainpipe.checkpoints import sha256_file
 from trainpipe.paths import home_dir
+from trainpipe.versions import package_versions
 from trainpipe.stages import distributed
 
 MANIFEST = "trainpipe_manifest.json"
@@ -82,23 +83,11 @@ class Entry:
         events.emit("data", role=self.role, phase="tokenize", **self.record)
 
 
-def _versions() -> dict[str, str | None]:
-    import importlib.metadata
-
-    versions: dict[str, str | None] = {}
-    for name in VERSIONED:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def key_for(role: str, stage: str, source_identity: dict[str, Any] | None, split: dict[str, Any],
             tokenizer: Any, settings: dict[str, Any]) -> str:
     payload = {"role": role, "stage": stage, "source": source_identity, "split": split,
                "tokenizer": tokenizer_identity(tokenizer), "settings": settings,
-               "versions": _versions()}
+               "versions": package_versions(VERSIONED)}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
     return f"{stage}-{role}-{digest[:32]}"
 
