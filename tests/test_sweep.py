@@ -15,7 +15,7 @@ from conftest import QUICKSTART, REPO_ROOT, fast_overrides
 from helpers import assert_continued_from_checkpoint, cli
 
 from trainpipe.store.ledger import Ledger
-from trainpipe.sweepfile import load_sweep
+from trainpipe.config.sweepfile import load_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -182,7 +182,7 @@ def test_sampler_replays_the_same_trials(strategy):
     """`sweep --resume` rebuilds the study by asking again and telling the recorded results: the
     seeded sampler must then propose exactly what it proposed the first time."""
     from trainpipe.engine.sweep import _distributions, _same, _study
-    from trainpipe.sweepfile import SweepSpec
+    from trainpipe.config.sweepfile import SweepSpec
 
     spec = SweepSpec.model_validate({
         "base": str(QUICKSTART), "strategy": strategy, "n_trials": 8, "seed": 3,

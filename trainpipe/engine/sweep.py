@@ -44,7 +44,7 @@ from trainpipe.paths import check_run_id
 from trainpipe.stages.base import write_json_atomic
 from trainpipe.store.ledger import HOST, Ledger, StaleState
 from trainpipe.store.reader import LedgerReader
-from trainpipe.sweepfile import Range, SweepSpec, load_sweep, param_overrides, trial_count
+from trainpipe.config.sweepfile import Range, SweepSpec, load_sweep, param_overrides, trial_count
 
 
 # How often a sweep's owner looks at trials other workers are running.

@@ -20,14 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trainpipe.config import (
-    STAGE_SETTINGS,
-    PipelineConfig,
-    _format_validation_error,
-    _read_yaml,
-    _resolve_relative,
-    load_config,
-)
+from trainpipe.config.loading import _format_validation_error, _read_yaml, _resolve_relative, load_config
+from trainpipe.config.models import STAGE_SETTINGS, PipelineConfig
 from trainpipe.errors import ConfigError
 
 # What each stage reports in its metrics (stages/sft.py, merge.py, dpo.py): the objective may name these.
