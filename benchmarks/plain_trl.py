@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
     from trainpipe.stages.training import patch_trl_for_cpu
 
     if os.environ.get("PLAIN_GC_FREEZE") == "1":
-        # What trainpipe's pre-imported worker does before forking a stage (stages/zygote.py): with the
+        # What trainpipe's pre-imported worker does before forking a stage (attempt/zygote.py): with the
         # imported objects frozen, the training loop's collections stop walking them. Off by default:
         # a plain script does not do this; overhead.py --gc-freeze-baseline times it for equal footing.
         import gc

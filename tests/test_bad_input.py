@@ -370,7 +370,7 @@ def test_unexpected_orchestrator_error_prints_one_screen_and_fails_the_run(ledge
     assert_clean(proc, 1, "error: unexpected RuntimeError: injected orchestrator crash", "full traceback: ")
     assert len(proc.stderr.strip().splitlines()) <= 5
     log = Path(proc.stderr.split("full traceback: ")[1].split()[0])
-    assert "Traceback (most recent call last)" in log.read_text() and "_fault_point" in log.read_text()
+    assert "Traceback (most recent call last)" in log.read_text() and "orchestrator_point" in log.read_text()
     run_id = json.loads(cli("status", "--json", check=True).stdout)[0]["run_id"]
     assert f"run: {run_id}" in proc.stderr
 

@@ -124,7 +124,7 @@ def test_torchrun_command(tmp_path):
     spec = tmp_path / "spec-1.json"
     single = torchrun_command({"type": "torchrun", "nproc_per_node": 2, "nnodes": 1, "rdzv_endpoint": None}, spec)
     assert single[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in single
-    assert single[-3:] == ["-m", "trainpipe.stages.worker", str(spec)]
+    assert single[-3:] == ["-m", "trainpipe.attempt.worker", str(spec)]
     multi = torchrun_command({"type": "torchrun", "nproc_per_node": 4, "nnodes": 2, "rdzv_endpoint": "node0:29500"},
                              spec)
     joined = " ".join(multi)
@@ -141,7 +141,7 @@ def test_torchrun_command(tmp_path):
 # both observed in the same second, and torchrun named rank 0 the root cause.
 _TORCHRUN_SUMMARY = """\
 ============================================================
-trainpipe.stages.worker FAILED
+trainpipe.attempt.worker FAILED
 ------------------------------------------------------------
 Failures:
 [1]:
@@ -366,7 +366,7 @@ def _stage_processes(work_dir: Path) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"trainpipe.stages.worker" in cmdline and any(str(work_dir).encode() in part for part in cmdline) \
+        if b"trainpipe.attempt.worker" in cmdline and any(str(work_dir).encode() in part for part in cmdline) \
                 and _alive(int(entry.name)):
             alive.append(int(entry.name))
     return alive

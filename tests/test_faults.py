@@ -99,7 +99,7 @@ def test_transient_failures_are_retried_after_5_then_10_seconds(tmp_path, db_url
     import time
     import types
 
-    from trainpipe.engine import runner
+    from trainpipe.engine import stage_attempt
 
     ledger = Ledger(db_url)
     slept: list[tuple[float, list[str]]] = []
@@ -109,9 +109,9 @@ def test_transient_failures_are_retried_after_5_then_10_seconds(tmp_path, db_url
         run_id = ledger.list_runs(limit=None)[0]["run_id"]
         slept.append((seconds, [a["outcome"] for a in ledger.attempts(run_id, "sft")]))
 
-    monkeypatch.setattr(runner, "time", types.SimpleNamespace(time=time.time, strftime=time.strftime,
-                                                              sleep=fake_sleep))
-    monkeypatch.setattr(runner, "RETRY_BACKOFF_S", 5.0)
+    monkeypatch.setattr(stage_attempt, "time", types.SimpleNamespace(time=time.time, strftime=time.strftime,
+                                                                     sleep=fake_sleep))
+    monkeypatch.setattr(stage_attempt, "RETRY_BACKOFF_S", 5.0)
     monkeypatch.setenv("TRAINPIPE_FAULT", json.dumps({"stage": "sft", "at": "start", "action": "sigkill"}))
 
     result = trainpipe.run(QUICKSTART, overrides=fast_overrides(tmp_path / "out") + [

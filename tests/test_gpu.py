@@ -26,7 +26,7 @@ import os, sys
 import torch
 if torch.version.cuda is None:
     sys.exit(77)
-from trainpipe.stages import zygote
+from trainpipe.attempt import zygote
 zygote.preload()
 assert not torch.cuda.is_initialized(), "torch initialised CUDA during the preload"
 assert not zygote.cuda_driver_initialised(), "something called cuInit during the preload"

@@ -717,7 +717,7 @@ def _write_checkpoint(root: Path, step: int) -> Path:
 
 def test_complete_checkpoint_the_orchestrator_never_recorded_is_adopted(ledger, tmp_path):
     """The orchestrator can die after the stage wrote a manifest but before it read the event."""
-    from trainpipe.engine.runner import adopt_unrecorded_checkpoints, newest_verified_checkpoint
+    from trainpipe.engine.resume_point import adopt_unrecorded_checkpoints, newest_verified_checkpoint
 
     run_id = make_run(ledger, tmp=tmp_path)
     attempt_id, _ = ledger.open_attempt(run_id, "sft")

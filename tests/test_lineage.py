@@ -20,7 +20,7 @@ from helpers import cli
 
 from trainpipe.checkpoints import sha256_file
 from trainpipe.config import config_from_snapshot
-from trainpipe.engine import runner
+from trainpipe.engine import preflight
 from trainpipe.engine.lineage import LIBRARIES, world_size
 from trainpipe.stages.tiny_model import ASSET_DIR, CHECKSUMS
 from trainpipe.store.ledger import Ledger
@@ -188,7 +188,7 @@ def test_resume_notes_a_minor_change_and_a_run_without_lineage(tmp_path: Path, d
     ledger = Ledger(db_url)
     run = ledger.get_run(run_id)
     config = config_from_snapshot(run["config_snapshot"])
-    detail, notes = runner.check_environment(ledger, run, config, force=False)
+    detail, notes = preflight.check_environment(ledger, run, config, force=False)
     assert detail["forced"] is False and [d["key"] for d in detail["differences"]] == ["trl"]
     assert notes == [f"environment changed since the run last ran (not breaking): trl: {trl_then} -> {trl_now} "
                      "(minor/patch version)"]

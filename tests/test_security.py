@@ -49,9 +49,9 @@ def _spy_on_loaders(monkeypatch, record: Path) -> None:
 
 
 def _run_stages_in_process(config, run_dir: Path, stages: tuple[str, ...]) -> None:
-    """Each stage as its stage process runs it (stages/worker.py: training, output, gate), here in
+    """Each stage as its stage process runs it (attempt/worker.py: training, output, gate), here in
     this process so that the spies see it."""
-    from trainpipe.stages import worker
+    from trainpipe.attempt import worker
     from trainpipe.stages.base import StageSpec
 
     outputs = {"sft": run_dir / "sft", "merge": run_dir / "merged", "dpo": run_dir / "dpo"}

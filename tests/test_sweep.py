@@ -72,7 +72,7 @@ def test_beta_sweep_killed_resumes_trains_shared_stages_once_and_never_chooses_a
     assert {ledger.get_run(r)["state"] for r in runs} == {"succeeded", "rejected"}
     # The killed trial's DPO continued from its checkpoint rather than starting over: checkpoint-4,
     # or a later one the stage process completed between the orchestrator's death and its own, which
-    # resume adopts once its manifest verifies (runner.adopt_unrecorded_checkpoints).
+    # resume adopts once its manifest verifies (resume_point.adopt_unrecorded_checkpoints).
     first = ledger.attempts(runs[0], "dpo")
     assert len(first) == 2 and first[1]["resumed_from"], first
     assert assert_continued_from_checkpoint(ledger, runs[0], "dpo") >= 4
@@ -240,12 +240,12 @@ def _dead_pid() -> int:
 
 @pytest.mark.parametrize("owner", ["alive", "pid gone", "stale heartbeat elsewhere", "run finished"])
 def test_a_stage_lease_is_taken_over_only_from_a_run_that_is_gone(owner, db_url, tmp_path, monkeypatch):
-    """The lease on training one fingerprint (runner._lease): a run waits while the holder's run lives,
+    """The lease on training one fingerprint (reuse.take_lease): a run waits while the holder's run lives,
     and takes the lease over once its owner is gone (pid gone here, heartbeat stale from another
     host) or its run has ended."""
     import time
 
-    from trainpipe.engine import liveness, runner
+    from trainpipe.engine import liveness, reuse
     from trainpipe.engine.machine import next_state
 
     ledger = Ledger(db_url)
@@ -262,7 +262,7 @@ def test_a_stage_lease_is_taken_over_only_from_a_run_that_is_gone(owner, db_url,
     elif owner == "run finished":
         ledger.transition_run("holder", "fail", lambda cur: next_state("run", cur, "fail"), clear_owner=True)
 
-    holder = runner._lease(ledger, "waiter", "sft", "fp-sft")
+    holder = reuse.take_lease(ledger, "waiter", "sft", "fp-sft")
 
     (lease,) = ledger.stage_leases()
     if owner == "alive":

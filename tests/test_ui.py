@@ -165,7 +165,7 @@ def _write_xss_run(world) -> None:
     finally:
         ledger.close()
     # A model output quoting a <script>, saved by the stage worker's own writer.
-    from trainpipe.stages.worker import _save_generations
+    from trainpipe.attempt.worker import _save_generations
 
     work = world["root"] / "xss" / ".work" / "sft"
     work.mkdir(parents=True)

@@ -14,7 +14,7 @@ import pytest
 from conftest import QUICKSTART, fast_overrides
 from helpers import cli
 
-from trainpipe.engine import runner
+from trainpipe.engine import driver
 from trainpipe.store.ledger import Ledger
 
 TOKEN = "hf_fakeUploadToken0123456789abcdef"
@@ -105,7 +105,7 @@ def test_upload_fails_offline_then_resume_retries_only_the_upload(tmp_path: Path
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     started = time.monotonic()
-    result = runner.resume(run_id, ledger=Ledger(db_url))
+    result = driver.resume(run_id, ledger=Ledger(db_url))
     assert (result.state, result.exit_code) == ("succeeded", 0), result.errors
     assert time.monotonic() - started < 60
 

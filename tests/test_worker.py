@@ -61,7 +61,7 @@ def test_worker_spawn_env_falls_back_to_a_fresh_interpreter(tmp_path: Path, db_u
 @pytest.mark.extended  # CI's budget: `make matrix` runs it
 def test_worker_that_refuses_to_fork_falls_back_and_says_so(tmp_path: Path, db_url: str, monkeypatch) -> None:
     """What happens on a GPU box whose worker has CUDA initialised, simulated by a test hook."""
-    from trainpipe.engine.runner import Observer
+    from trainpipe.engine.observer import Observer
 
     notes: list[str] = []
 
@@ -122,7 +122,7 @@ torch.cuda._lazy_init = lazy_init
 torch._C._cuda_getCurrentRawStream = lambda index: 0  # bitsandbytes' CUDA ops take it at import
 real = torch.cuda.get_device_capability
 
-from trainpipe.stages import zygote
+from trainpipe.attempt import zygote
 zygote.CAPABILITY_QUERY = "print('[[9, 0]]')"
 if sys.argv[1] == "without-the-answer":
     zygote._capability_answered_elsewhere = lambda torch: contextlib.nullcontext()
@@ -163,7 +163,7 @@ int cuDeviceGetCount(int *count) { if (!initialised) return 3; *count = 1; retur
 
 _PROBE_THE_DRIVER = """
 import ctypes, json, sys
-from trainpipe.stages import zygote
+from trainpipe.attempt import zygote
 seen = {"not_loaded": zygote.cuda_driver_initialised()}
 driver = ctypes.CDLL(sys.argv[1])
 seen["loaded"] = zygote.cuda_driver_initialised()

@@ -11,7 +11,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from trainpipe.engine.runner import Observer, RunResult
+    from trainpipe.engine.observer import Observer, RunResult
     from trainpipe.store.ledger import Ledger
 
 
@@ -30,9 +30,9 @@ def run(config: str | os.PathLike[str], *, overrides: list[str] | None = None, s
     A stage whose fingerprint matches one that passed in an earlier run reuses that output unless
     `use_cache` is false; `from_stage` retrains that stage and every later one. `force` starts even
     when the output filesystem looks too small for what the run will write."""
-    from trainpipe.engine import runner
+    from trainpipe.engine import driver
 
-    return runner.start(str(config), ledger=_ledger(db, ledger), overrides=overrides, sft_dataset=sft_dataset,
+    return driver.start(str(config), ledger=_ledger(db, ledger), overrides=overrides, sft_dataset=sft_dataset,
                         preference_dataset=preference_dataset, observer=observer, use_cache=use_cache,
                         from_stage=from_stage, force=force)
 
@@ -52,6 +52,6 @@ def resume(run_id: str, *, db: str | None = None, ledger: Ledger | None = None,
            observer: Observer | None = None, force: bool = False) -> RunResult:
     """Continue an interrupted or failed run from its first stage that has not passed. A change of
     environment that breaks resuming (see README, "Lineage") is refused unless `force`."""
-    from trainpipe.engine import runner
+    from trainpipe.engine import driver
 
-    return runner.resume(run_id, ledger=_ledger(db, ledger), observer=observer, force=force)
+    return driver.resume(run_id, ledger=_ledger(db, ledger), observer=observer, force=force)

@@ -1,4 +1,4 @@
-"""What kind of failure an exception is, in one table: the stage worker records it, the runner
+"""What kind of failure an exception is, in one table: the stage worker records it, the run driver
 decides on it (retry or not, exit code) and `inspect` shows it. Torch-free: exceptions are matched
 by class name and message, so classifying never imports the library that raised.
 
@@ -94,7 +94,7 @@ def _disk_cause(exc: BaseException, written_dirs: Sequence[str | os.PathLike[str
     if not ((isinstance(exc, OSError) and code in _DISK_ERRNOS) or _DISK_MESSAGE.search(text)
             or _LOST_ERRNO_WRITE.search(text)):
         return None
-    from trainpipe.engine.disk import DISK_ERRNOS, write_refusal
+    from trainpipe.diskspace import DISK_ERRNOS, write_refusal
 
     reason = DISK_ERRNOS.get(code) if isinstance(exc, OSError) else None
     if reason is None:
@@ -135,7 +135,7 @@ def classify(exc: BaseException, written_dirs: Sequence[str | os.PathLike[str]] 
 
     `written_dirs` are the directories the failed code was writing into: a write error that lost its
     errno is a full disk when one of their filesystems refuses a probe write now, or has less free
-    than `needed_bytes` (engine/disk.py)."""
+    than `needed_bytes` (diskspace.py)."""
     seen: BaseException | None = exc
     for _ in range(8):
         if seen is None:

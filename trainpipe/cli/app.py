@@ -333,7 +333,7 @@ def _crash_report(exc: BaseException) -> int:
 
 
 def _disk_report(failure) -> int:
-    from trainpipe.engine.disk import full_disk_message
+    from trainpipe.diskspace import full_disk_message
     from trainpipe.errors import EXIT_ENVIRONMENT
 
     run_id = _session["run_id"]

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from trainpipe.cli.render import Renderer, _short, _state
-from trainpipe.engine.runner import Observer
+from trainpipe.engine.observer import Observer
 from trainpipe.engine.sweep import SweepObserver
 
 

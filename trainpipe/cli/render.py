@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from trainpipe.engine.runner import RunResult
+    from trainpipe.engine.observer import RunResult
 
 STATE_STYLE = {"succeeded": "green", "passed": "green", "running": "cyan", "validating": "cyan",
                "interrupted": "yellow", "failed": "red", "rejected": "magenta", "skipped": "dim",

@@ -175,11 +175,10 @@ def _check_objective(spec: SweepSpec, config: PipelineConfig, where: str) -> Non
     kind, _, name = metric.partition(".")
     if kind == "gate":
         # The check names only: checks_for() would import each check's module, and with it torch.
-        from trainpipe.validators import _specs_for
-        from trainpipe.validators.registry import GATES
+        from trainpipe.validators.registry import GATES, specs_for
 
         checks = config.validation.checks
-        produced = {spec.name for stage in GATES if config.enabled(stage) for spec in _specs_for(stage, config)
+        produced = {spec.name for stage in GATES if config.enabled(stage) for spec in specs_for(stage, config)
                     if not (spec.name in checks and checks[spec.name].severity == "off")}
         if name not in produced:
             close = difflib.get_close_matches(name, sorted(produced), n=1)

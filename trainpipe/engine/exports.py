@@ -41,7 +41,7 @@ def stage_file_payload(stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def pipeline_result(ledger: Ledger, run_id: str, as_if: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`as_if`: run fields as they will be once the run reaches its final state (runner._finish)."""
+    """`as_if`: run fields as they will be once the run reaches its final state (finish.finish)."""
     run = {**ledger.get_run(run_id), **(as_if or {})}
     stages = {s["name"]: s for s in ledger.stages(run_id)}
     attempts = _latest_attempts(ledger, run_id)

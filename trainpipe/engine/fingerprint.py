@@ -119,7 +119,7 @@ def _hub_revision(repo_id: str) -> str | None:
 
 
 def _gate_settings(config: PipelineConfig, stage: str) -> dict[str, Any]:
-    from trainpipe.validators import final_gate_stage
+    from trainpipe.validators.registry import final_gate_stage
     from trainpipe.validators.registry import GATES
 
     validation = config.validation
@@ -175,7 +175,7 @@ def stage_fingerprint(config: PipelineConfig, stage: str, upstream: str | None,
 
 
 def upstream_stage(config: PipelineConfig, stage: str) -> str | None:
-    """The stage whose output `stage` reads (runner._stage_inputs), or None for the base model alone."""
+    """The stage whose output `stage` reads (stage_attempt.stage_inputs), or None for the base model alone."""
     if stage == "merge":
         return "sft"
     if stage == "dpo":

@@ -101,3 +101,8 @@ def mermaid(kind: str) -> str:
         lines += [f"    {source} --> {row['dest']}: {row['trigger']}" for source in sources]
     lines += [f"    {state} --> [*]" for state in states if state in final]
     return "\n".join(lines)
+
+
+def advance(kind: str, trigger: str):
+    """The ledger's compare-and-set takes the next state as a function of the current one."""
+    return lambda current: next_state(kind, current, trigger)

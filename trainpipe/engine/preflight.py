@@ -1,5 +1,7 @@
 """Checks that run before a run is created (and before a resume claims one): everything a stage would
-otherwise discover minutes in, at the cost of a few file lookups and at most one Hub request.
+otherwise discover minutes in, at the cost of a few file lookups and at most one Hub request. Every
+dataset row is checked (validate_inputs), and a resume compares its environment with the run's
+(check_environment).
 
 Every problem found is reported, one line each, naming the key and the path or model; nothing is
 written to the ledger or the output dir. Heavy imports stay inside the functions.
@@ -10,10 +12,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
-from trainpipe.config import PipelineConfig
-from trainpipe.errors import LedgerError, PreflightError
+from trainpipe.config import STAGE_ORDER, UPLOAD_STAGE, PipelineConfig
+from trainpipe.engine import lineage
+from trainpipe.engine.machine import STAGE_DONE
+from trainpipe.engine.observer import Observer
+from trainpipe.engine.stage_attempt import stage_inputs
+from trainpipe.errors import ConfigError, EnvironmentChanged, LedgerError, PreflightError
 from trainpipe.paths import dir_problem
+from trainpipe.stages.data import dataset_roles, validate
 from trainpipe.stages.loading import hub_token
 from trainpipe.store.ledger import Ledger
 
@@ -47,8 +55,9 @@ def output_dir_problem(output_dir: str) -> str | None:
 
 
 def disk_space_problem(config: PipelineConfig, stages: list[str] | None = None) -> str | None:
-    """The output filesystem has less free space than the run's estimated writes (engine/disk.py)."""
-    from trainpipe.engine.disk import estimate, existing_ancestor, free_bytes, human
+    """The output filesystem has less free space than the run's estimated writes (stages/footprint.py)."""
+    from trainpipe.diskspace import existing_ancestor, free_bytes, human
+    from trainpipe.stages.footprint import estimate
 
     found = estimate(config, stages)
     if found is None or not found.stages:
@@ -192,3 +201,65 @@ def _hub_problem(repo_id: str) -> str | None:
     if files and not any(f.endswith(".safetensors") for f in files):
         return f"{where}: the Hub repo has no *.safetensors weights; trainpipe loads safetensors only"
     return None
+
+
+def check_environment(ledger: Ledger, run: dict[str, Any], config: PipelineConfig, *,
+                      force: bool) -> tuple[dict[str, Any], list[str]]:
+    """Compare the environment a resume would run in with the one the run last ran in (its lineage,
+    as updated by earlier resumes). Returns what the `resume` transition records and the notes to
+    show; raises EnvironmentChanged, before any write, on a breaking difference without `force`."""
+    run_id = run["run_id"]
+    now = lineage.environment(config)
+    if not run.get("lineage"):
+        return ({"checked": False, "now": now},
+                ["environment not checked: this run was created before trainpipe recorded lineage"])
+    resumes = [t["detail"] for t in ledger.transitions(run_id) if t["stage"] is None and t["trigger"] == "resume"]
+    pending = [s["name"] for s in ledger.stages(run_id) if s["state"] not in STAGE_DONE]
+    diffs = lineage.compare(lineage.baseline(run["lineage"], resumes), now, pending)
+    breaking = [d for d in diffs if d.breaking]
+    minor = [d for d in diffs if not d.breaking]
+    if breaking and not force:
+        lines = [f"run {run_id} cannot be resumed as is: the environment changed in a way that breaks resuming it:",
+                 *[f"  {d.line()}" for d in breaking]]
+        if minor:
+            lines += ["also changed (would not stop a resume):", *[f"  {d.line()}" for d in minor]]
+        raise EnvironmentChanged("\n".join(lines),
+                                 hint=f"nothing was recorded; restore the environment above, or resume anyway with "
+                                      f"`trainpipe resume {run_id} --force` (the differences are recorded)")
+    notes = []
+    if breaking:
+        notes.append("resumed with --force despite: " + "; ".join(d.line() for d in breaking))
+    if minor:
+        notes.append("environment changed since the run last ran (not breaking): "
+                     + "; ".join(d.line() for d in minor))
+    return {"checked": True, "forced": bool(breaking), "differences": [d.as_dict() for d in diffs], "now": now}, notes
+
+
+def check_from_stage(config: PipelineConfig, from_stage: str | None, source: str) -> None:
+    if from_stage is None:
+        return
+    if from_stage not in STAGE_ORDER:
+        raise ConfigError(f"--from-stage {from_stage}: no such stage; use one of {', '.join(STAGE_ORDER)}")
+    if not config.enabled(from_stage):
+        raise ConfigError(f"--from-stage {from_stage}: stage '{from_stage}' is disabled in {source}")
+
+
+def validate_inputs(config: PipelineConfig, observer: Observer | None = None) -> dict[str, dict[str, Any]]:
+    """Every dataset row is checked before any model loads (and before the ledger is touched).
+    Returns, per dataset role, its row count, format and how long the check took."""
+    observer = observer or Observer()
+    checked = {}
+    for role in dataset_roles(config):
+        source = getattr(config.datasets, role)
+        observer.data_phase(role, "check", 0, None)
+        checked[role] = validate(source, role, progress=lambda rows, role=role: observer.data_phase(
+            role, "check", rows, None))
+        observer.data_phase(role, "check", checked[role]["rows"], checked[role]["seconds"])
+    return checked
+
+
+def needs_base_model(ledger: Ledger, run_id: str, config: PipelineConfig) -> bool:
+    """Whether a stage still to run loads the base model (a resume after SFT and merge passed does not)."""
+    return any(config.enabled(s["name"]) and s["name"] != UPLOAD_STAGE
+               and config.base_model in stage_inputs(ledger, run_id, config, s["name"]).values()
+               for s in ledger.stages(run_id) if s["state"] not in STAGE_DONE)

@@ -1,8 +1,8 @@
 """Runs one stage attempt in a child process and watches it: events, heartbeats, timeout, signals.
 
-A stage attempt's process is forked from the run's pre-imported stage worker (stages/zygote.py) when
+A stage attempt's process is forked from the run's pre-imported stage worker (attempt/zygote.py) when
 it can be, so it does not pay the torch/transformers/trl imports again; otherwise it is a fresh
-interpreter, `python -m trainpipe.stages.worker SPEC`, as before. `StageWorkers` decides which, and
+interpreter, `python -m trainpipe.attempt.worker SPEC`, as before. `StageWorkers` decides which, and
 the ledger records it per attempt (`stage_attempts.worker`: fork or spawn). A stage with a
 `launcher` runs under torchrun instead (`torchrun`): torch.distributed's own launcher starts one
 worker per rank. This module only starts and signals processes: it never imports torch.
@@ -83,7 +83,7 @@ WORKER_ENV = "TRAINPIPE_WORKER"  # "fork" (the default on Linux) or "spawn" (a f
 
 
 def worker_mode() -> str:
-    """TRAINPIPE_WORKER, checked: the runner calls this before it writes anything."""
+    """TRAINPIPE_WORKER, checked: the run driver calls this before it writes anything."""
     mode = os.environ.get(WORKER_ENV) or "fork"
     if mode not in ("fork", "spawn"):
         from trainpipe.errors import ConfigError
@@ -113,7 +113,7 @@ class _Spawned(StageProcess):
         with log_path.open("ab") as log:
             # A new session makes the stage its own process group: a timeout kills the whole group,
             # and a Ctrl-C in the terminal reaches only the orchestrator, which then asks it to stop.
-            self._proc = subprocess.Popen(command or [sys.executable, "-m", "trainpipe.stages.worker", str(spec_path)],
+            self._proc = subprocess.Popen(command or [sys.executable, "-m", "trainpipe.attempt.worker", str(spec_path)],
                                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True, preexec_fn=_die_with_parent, env=env)
         self.pid = self._proc.pid
@@ -147,7 +147,7 @@ def torchrun_command(launcher: dict[str, Any], spec_path: Path, node_rank: int =
     else:
         # Single node: rendezvous on a free localhost port, so concurrent runs never collide.
         command += ["--standalone"]
-    return command + ["-m", "trainpipe.stages.worker", str(spec_path)]
+    return command + ["-m", "trainpipe.attempt.worker", str(spec_path)]
 
 
 class Torchrun(_Spawned):
@@ -294,7 +294,7 @@ class StageWorkers:
 def _launch_worker(log: Any, env: dict[str, str]) -> tuple[subprocess.Popen, socket.socket]:
     ours, theirs = socket.socketpair()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainpipe.stages.zygote", str(theirs.fileno()), str(os.getpid())],
+        [sys.executable, "-m", "trainpipe.attempt.zygote", str(theirs.fileno()), str(os.getpid())],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
         start_new_session=True, preexec_fn=_die_with_parent, env=env)
     theirs.close()
@@ -366,7 +366,7 @@ def run_child(spec_path: Path, *, events_path: Path, result_path: Path, log_path
         return ChildOutcome(False, result.get("kind", "error"), code, result.get("error"), result)
     if code is not None and code < 0:
         return ChildOutcome(False, "killed", code, f"stage process killed by {signal.Signals(-code).name}")
-    from trainpipe.engine.disk import full_disk_message, write_refusal
+    from trainpipe.diskspace import full_disk_message, write_refusal
 
     refusal = write_refusal(result_path.parent)
     if refusal is not None:

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from trainpipe.config import STAGE_ORDER
-from trainpipe.engine import cache, liveness, preflight, runner
+from trainpipe.engine import cache, driver, liveness, preflight
 from trainpipe.engine.fingerprint import cuda_device_visible
-from trainpipe.engine.runner import Observer
+from trainpipe.engine.observer import Observer
 from trainpipe.errors import (
     EXIT_GATE_REJECTED,
     EXIT_INTERRUPTED,
@@ -78,7 +78,7 @@ def start(sweep_file: str, *, ledger: Ledger, extra_sets: list[str] | None = Non
     written."""
     spec, config = load_sweep(sweep_file, extra_sets=extra_sets)
     _check_parallel(spec, parallel, sweep_file)
-    runner.validate_inputs(config)
+    preflight.validate_inputs(config)
     preflight.check(config, ledger)
     sweep_id = check_run_id(new_sweep_id(spec.name or f"{config.pipeline_id}-sweep"))
     ledger.create_sweep(sweep_id=sweep_id, sweep_file=str(Path(sweep_file).resolve()),
@@ -251,7 +251,7 @@ def _drive(ledger: Ledger, sweep_id: str, observer: SweepObserver, parallel: int
 
 def trials_that_fit(parallel: int, gpu_memory_fraction: float, *, cuda: bool) -> int:
     """How many trials may train at once. On a GPU each stage process caps itself at
-    gpu_memory_fraction of the device (stages/worker.py), so only as many trials as those shares fit
+    gpu_memory_fraction of the device (attempt/worker.py), so only as many trials as those shares fit
     in one device are admitted; on CPU, `parallel` processes."""
     if not cuda:
         return parallel
@@ -411,12 +411,12 @@ def _run_trial(ledger: Ledger, spec: SweepSpec, row: dict[str, Any], total: int,
     run = ledger.find_run(row["run_id"])
     observer.trial_started(row["number"], total, row["params"], row["run_id"], resumed=run is not None)
     if run is None:
-        result = runner.start(spec.base, ledger=ledger, overrides=spec.set + param_overrides(row["params"]),
+        result = driver.start(spec.base, ledger=ledger, overrides=spec.set + param_overrides(row["params"]),
                               observer=observer, run_id=row["run_id"])
         return result.state
     run = liveness.reconcile(ledger, [run], time.time())[0]
     if run["state"] == "interrupted":
-        return runner.resume(row["run_id"], ledger=ledger, observer=observer).state
+        return driver.resume(row["run_id"], ledger=ledger, observer=observer).state
     if run["state"] == "running":
         raise RunOwned(f"trial run {row['run_id']} is owned by pid {run['owner_pid']} on {run['owner_host']}")
     return run["state"]

@@ -83,8 +83,8 @@ def any_rank(flag: bool) -> bool:
 # itself is gone by the time they are written.
 SEEN: dict[str, str] = {}
 
-# Every group finish() left, kept referenced until the process ends with os._exit (stages/worker.py,
-# stages/zygote.py), so that its destructor never runs. Freeing a gloo group can deadlock: its
+# Every group finish() left, kept referenced until the process ends with os._exit (attempt/worker.py,
+# attempt/zygote.py), so that its destructor never runs. Freeing a gloo group can deadlock: its
 # destructor joins gloo's worker thread while holding the GIL, and that thread may still need the
 # GIL to drop the tensors of the last collective (pytorch/pytorch#75097, #56297). The last reference
 # is DDP's Reducer inside the trainer, freed wherever the trainer goes: a rank then never exits, and

@@ -7,7 +7,7 @@ import time
 from trainpipe.stages.base import StageContext, StageResult
 from trainpipe.stages.loading import dir_size_bytes, load_causal_lm, load_tokenizer, resolve_model
 from trainpipe.stages.training import finalize_output, staging_dir, write_stage_record
-from trainpipe.validators.merge_gate import reference_logits
+from trainpipe.stages.equivalence import reference_logits
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from trainpipe import faults
 from trainpipe.checkpoints import write_manifest
 from trainpipe.stages import distributed
 from trainpipe.stages.base import StageContext
@@ -102,8 +103,7 @@ def callbacks(ctx: StageContext, *, evaluate_at_end: bool = False) -> list[Any]:
             events.emit("progress", step=state.global_step, total=state.max_steps)
             if evaluate_at_end and state.global_step == state.max_steps:
                 control.should_evaluate = True
-            if fault.get("step") == state.global_step and fault.get("rank", 0) == distributed.rank():
-                inject_fault(fault)
+            faults.at_step(fault, state.global_step, distributed.rank())
             if distributed.any_rank(stop_requested()):
                 _STOP_REQUESTED["flag"] = True
                 control.should_save = True
@@ -136,33 +136,6 @@ def loaded_model_facts(model: Any) -> dict[str, Any]:
     if quantization is not None and not isinstance(quantization, dict):
         quantization = quantization.to_dict()
     return {"linear4bit_layers": four_bit, "quantization_config": quantization}
-
-
-def inject_fault(fault: dict[str, Any]) -> None:
-    """Test hook (TRAINPIPE_FAULT): real OOM and real crashes cannot be provoked reliably on demand.
-
-    {"stage": "sft", "step": 6, "action": "oom|sigkill|crash|pause", "seconds": 30, "once_file": PATH}
-    With once_file, the fault fires only while that file does not exist (it is created on firing),
-    so the retry or resume that follows runs clean. Under torchrun a step fault fires on one rank:
-    "rank" (default 0).
-    """
-    from trainpipe.faults import fire_once
-
-    if not fire_once(fault):
-        return
-    action = fault.get("action")
-    if action == "pause":
-        import time
-
-        time.sleep(float(fault.get("seconds", 30)))
-    if action == "oom":
-        import torch
-
-        raise torch.OutOfMemoryError("injected CUDA out of memory (TRAINPIPE_FAULT)")
-    if action == "sigkill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if action == "crash":
-        raise RuntimeError("injected crash (TRAINPIPE_FAULT)")
 
 
 def patch_trl_for_cpu() -> None:

@@ -73,7 +73,7 @@ stage_attempts = Table(
     Column("started_at", Float, nullable=False),
     Column("finished_at", Float),
     Column("pid", Integer),
-    # How the attempt's process started: "fork" (from the pre-imported stage worker, stages/zygote.py),
+    # How the attempt's process started: "fork" (from the pre-imported stage worker, attempt/zygote.py),
     # "spawn" (a fresh interpreter) or "torchrun" (a stage with a launcher; pid is torchrun's); 0004.
     Column("worker", String(16)),
     Column("host", String(255)),

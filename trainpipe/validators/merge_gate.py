@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+from trainpipe.stages.equivalence import SAMPLE_CONVERSATION, equivalence_prompts, logits_for, reference_logits
 from trainpipe.validators.gate import GateContext, Outcome
-
-if TYPE_CHECKING:
-    from trainpipe.config import PipelineConfig
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Relative to the largest |logit|: float32 agrees to rounding; half precisions lose 3-4 digits.
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
-SAMPLE_CONVERSATION = [{"role": "user", "content": "hello"}]
 
 
 def merged_model_loads(ctx: GateContext) -> Outcome:
@@ -57,38 +53,6 @@ def tokenizer_ok(ctx: GateContext) -> Outcome:
                    details=f"vocab {len(tokenizer)}, template renders {len(rendered)} chars")
 
 
-def _equivalence_prompts(config: PipelineConfig) -> list[list[dict[str, str]]]:
-    from trainpipe.stages.data import eval_rows, first_rows, split_prompt_completion
-
-    rows = eval_rows(config) or (first_rows(config.datasets.sft, "sft", config.validation.merge_prompts)
-                                 if config.datasets.sft else [])
-    prompts = []
-    for row in rows[:config.validation.merge_prompts]:
-        if "messages" in row:
-            prompts.append(split_prompt_completion(row["messages"])["prompt"])
-        elif isinstance(row.get("prompt"), str):
-            prompts.append([{"role": "user", "content": row["prompt"]}])
-    return prompts or [SAMPLE_CONVERSATION]
-
-
-def _logits(model: Any, tokenizer: Any, conversation: list[dict[str, str]]) -> Any:
-    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    return model(**{k: v.to(model.device) for k, v in ids.items()}).logits.float()
-
-
-def reference_logits(model: Any, tokenizer: Any, config: PipelineConfig) -> list[Any]:
-    """Logits of base + adapter, unmerged and in float32, on the equivalence prompts (on CPU).
-
-    The merge stage computes them from the model it has just loaded, right before merging it, and
-    hands them to its gate in memory (`GateContext.from_stage`): the very reference the check would
-    otherwise load a second model for. The merged model is still the one read back from disk."""
-    import torch
-
-    with torch.no_grad():
-        return [_logits(model, tokenizer, conversation).cpu() for conversation in _equivalence_prompts(config)]
-
-
 def merge_equivalence(ctx: GateContext) -> Outcome:
     """Logits of merged vs base + adapter (unmerged, float32) on fixed prompts."""
     import torch
@@ -108,12 +72,12 @@ def merge_equivalence(ctx: GateContext) -> Outcome:
         source = "loaded by the gate"
     dtype = ctx.config.merge.dtype
     tolerance = ctx.config.validation.merge_tolerance or DEFAULT_TOLERANCE[dtype]
-    prompts = _equivalence_prompts(ctx.config)
+    prompts = equivalence_prompts(ctx.config)
     worst = 0.0
     worst_prompt = 0
     with torch.no_grad():
         for index, (conversation, want) in enumerate(zip(prompts, reference, strict=True)):
-            got = _logits(merged, tokenizer, conversation).to(want.device)
+            got = logits_for(merged, tokenizer, conversation).to(want.device)
             relative = float((got - want).abs().max() / max(1.0, float(want.abs().max())))
             if not relative <= worst:
                 worst, worst_prompt = relative, index

@@ -9,6 +9,10 @@ because it also scans what the checks before it generated.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainpipe.config import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -54,3 +58,30 @@ NAMED_BUILTINS = {spec.name: spec for spec in GATES["dpo"][1] if spec.needs_mode
 CUSTOM_DEFAULTS = dict(mode="sequential", timeout_s=300.0, severity="error", needs_model=True)
 
 CHECK_NAMES = tuple(spec.name for _gate, specs in GATES.values() for spec in specs)
+
+
+def final_gate_stage(config: PipelineConfig) -> str | None:
+    """Custom checks run at the gate of the last enabled stage: they judge the finished model."""
+    enabled = [s.name for s in config.stages if s.enabled and s.name in GATES]
+    return enabled[-1] if enabled else None
+
+
+def specs_for(stage: str, config: PipelineConfig) -> list[CheckSpec]:
+    """The specs of the checks a config's gate for `stage` runs: the table's, less `no_nan` when it is
+    switched off, plus `validation.custom_checks` at the final gate, safety last. Names only, nothing
+    imported."""
+    specs = list(GATES[stage][1])
+    if not config.validation.check_nan:
+        specs = [s for s in specs if s.name != "no_nan"]
+    if stage == final_gate_stage(config):
+        present = {s.name for s in specs}
+        extra = []
+        for name in config.validation.custom_checks:
+            if name in present:
+                continue
+            present.add(name)
+            extra.append(NAMED_BUILTINS[name] if name in NAMED_BUILTINS else CheckSpec(name, name, **CUSTOM_DEFAULTS))
+        # Safety runs last so that it also sees what custom checks generated.
+        last = [s for s in specs + extra if s.name == "no_harmful_content"]
+        specs = [s for s in specs + extra if s.name != "no_harmful_content"] + last
+    return specs

@@ -1,4 +1,5 @@
-"""Disk space: what a run will write, what a filesystem has left, and the one message a full disk gets.
+"""What a run will write, per stage, estimated before it runs (the preflight refuses a run that clearly
+does not fit; a full disk's message says what the stage writes).
 
 The estimate is read from the base model's files (safetensors headers and config.json: no weights
 are loaded, no torch) and the config. It is rough on purpose, and it counts what transformers keeps:
@@ -8,19 +9,15 @@ trainpipe sets no `save_total_limit`, so every checkpoint of a stage stays until
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
-import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Errors that mean "the filesystem will not take this write", whatever the write was.
-DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-               errno.EROFS: "read-only file system"}
+from trainpipe.diskspace import human
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "chat_template.jinja", "added_tokens.json")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -29,10 +26,6 @@ SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I
 # trainer_state.json, training_args.bin, rng_state.pth, scheduler.pt, README.md, configs: ~30 kB measured
 # on the quickstart (a checkpoint of the tiny model is 306 kB, 69 kB of it the adapter).
 CHECKPOINT_OVERHEAD_BYTES = 64 * 1024
-# A write that failed with this much or less left on its filesystem failed for want of space.
-NEARLY_FULL_BYTES = 1024 * 1024
-
-
 @dataclass
 class StageNeed:
     stage: str
@@ -56,82 +49,6 @@ class Estimate:
 
     def of(self, stage: str) -> StageNeed | None:
         return next((s for s in self.stages if s.stage == stage), None)
-
-
-def human(size: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(size) < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
-
-
-def existing_ancestor(path: str | os.PathLike[str]) -> Path:
-    """The directory itself, or the nearest parent that exists (what a `mkdir -p` would write into)."""
-    current = Path(path).expanduser().absolute()
-    while not current.exists() and current != current.parent:
-        current = current.parent
-    return current if current.is_dir() else current.parent
-
-
-def free_bytes(path: str | os.PathLike[str]) -> int:
-    return shutil.disk_usage(existing_ancestor(path)).free
-
-
-def write_refusal(directory: str | os.PathLike[str], needed_bytes: int = 0) -> tuple[int, str] | None:
-    """(errno, reason) when `directory`'s filesystem refuses writes now: read-only, or (nearly) full,
-    that is with less free than `needed_bytes` (what the failed step was estimated to write) or 1 MB.
-
-    A probe write finds the real errno (ENOSPC, EDQUOT, EROFS) where the error that reached us lost
-    it: torch's writer reports a short write as `basic_ios::clear: iostream error` or
-    `PytorchStreamWriter failed writing file`, and safetensors as its own error type."""
-    where = existing_ancestor(directory)
-    try:
-        stats = os.statvfs(where)
-    except OSError:
-        return None
-    if stats.f_flag & os.ST_RDONLY:
-        return errno.EROFS, DISK_ERRNOS[errno.EROFS]
-    probe = where / f".trainpipe-space-probe-{os.getpid()}"
-    try:
-        with open(probe, "wb") as handle:
-            handle.write(b"\0" * 65536)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as exc:
-        if exc.errno in DISK_ERRNOS:
-            return exc.errno, DISK_ERRNOS[exc.errno]
-        return None
-    finally:
-        try:
-            probe.unlink()
-        except OSError:
-            pass
-    if stats.f_bavail * stats.f_frsize <= max(NEARLY_FULL_BYTES, needed_bytes):
-        return errno.ENOSPC, DISK_ERRNOS[errno.ENOSPC]
-    return None
-
-
-def full_disk_message(directory: str | os.PathLike[str], reason: str, *, needed: str | None = None,
-                      run_id: str | None = None) -> str:
-    """The one message every full-disk error gets: where, how much is free, roughly what was needed
-    and, given the run, what to do (otherwise the run summary says it). Free space and size are
-    measured now, not at the moment of the failed write."""
-    where = existing_ancestor(directory)
-    try:
-        usage = shutil.disk_usage(where)
-        space = f"{human(usage.free)} free of {human(usage.total)}"
-    except OSError:
-        space = "free space unknown"
-    text = f"{reason}: {where} ({space})"
-    if needed:
-        text += f"; {needed}"
-    if run_id:
-        text += f"; free space there (or move output_dir to a larger disk), then `trainpipe resume {run_id}`"
-    return text
-
-
-# ------------------------------------------------------------------------------ the estimate
 
 
 def estimate(config: Any, stages: list[str] | None = None) -> Estimate | None:

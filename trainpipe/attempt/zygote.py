@@ -1,10 +1,10 @@
-"""The pre-imported stage worker: `python -m trainpipe.stages.zygote FD ORCHESTRATOR_PID`.
+"""The pre-imported stage worker: `python -m trainpipe.attempt.zygote FD ORCHESTRATOR_PID`.
 
 One per run. It imports torch, transformers, trl, peft and datasets once (imports only: no tensor
 op, no CUDA), then forks a fresh child per stage attempt. Each child is still its own process, so
 an OOM or a segfault cannot take the orchestrator down and memory is freed between stages, but it
 no longer pays ~4-15 s of imports. The child then runs exactly what `python -m
-trainpipe.stages.worker SPEC` runs.
+trainpipe.attempt.worker SPEC` runs.
 
 Protocol on the socket FD, one JSON object per line:
     worker -> orchestrator   {"ready": true, "import_s": 4.2}   once, after the imports
@@ -56,7 +56,7 @@ PRELOAD: dict[str, tuple[str, ...]] = {
                      "PreTrainedModel"),
     "peft": ("LoraConfig", "PeftModel", "get_peft_model"),
     "trl": ("SFTConfig", "SFTTrainer", "DPOConfig", "DPOTrainer"),
-    "trainpipe.stages.worker": (),
+    "trainpipe.attempt.worker": (),
     "trainpipe.stages.sft": (),
     "trainpipe.stages.merge": (),
     "trainpipe.stages.dpo": (),
@@ -225,8 +225,8 @@ def _child(request: dict[str, Any], channel: socket.socket, requests: io.TextIOB
         sys.stderr = io.TextIOWrapper(open(2, "wb", buffering=0, closefd=False), write_through=True)
         os.environ.clear()
         os.environ.update(request["env"])
-        sys.argv = ["trainpipe.stages.worker", request["spec"]]
-        from trainpipe.stages import worker
+        sys.argv = ["trainpipe.attempt.worker", request["spec"]]
+        from trainpipe.attempt import worker
 
         code = worker.main(sys.argv)
     except SystemExit as exc:

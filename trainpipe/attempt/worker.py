@@ -1,4 +1,4 @@
-"""Child-process entry point: `python -m trainpipe.stages.worker SPEC.json`.
+"""Child-process entry point: `python -m trainpipe.attempt.worker SPEC.json`.
 
 Running each stage in its own process means an OOM or a segfault cannot take the orchestrator
 down, and GPU memory is fully released between stages. The child reports through the events file
@@ -20,18 +20,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from trainpipe import faults
 from trainpipe.stages import STAGES
 from trainpipe.stages.base import EventWriter, StageContext, StageSpec, write_json_atomic
 
 EXIT_PREEMPTED = 75
-
-
-def _fault_for(stage: str) -> dict:
-    raw = os.environ.get("TRAINPIPE_FAULT")
-    if not raw:
-        return {}
-    fault = json.loads(raw)
-    return fault if fault.get("stage") == stage else {}
 
 
 def main(argv: list[str]) -> int:
@@ -41,13 +34,13 @@ def main(argv: list[str]) -> int:
     spec = StageSpec.load(Path(argv[1]))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from trainpipe.config import config_from_snapshot
+    from trainpipe.diskspace import full_disk_message
     from trainpipe.errors import TrainpipeError
-    from trainpipe.engine.disk import full_disk_message
     from trainpipe.failures import ENVIRONMENT, USER, classify, describe
     from trainpipe.stages.training import OtherRankDone, Preempted, install_preemption_handler
 
     install_preemption_handler()
-    spec.fault = spec.fault or _fault_for(spec.stage)
+    spec.fault = spec.fault or faults.stage_fault(spec.stage)
     main_rank = distributed.is_main()
     events = EventWriter(Path(spec.events_path) if main_rank else None)
     ctx = StageContext(spec=spec, config=config_from_snapshot(spec.config), events=events)
@@ -55,15 +48,15 @@ def main(argv: list[str]) -> int:
     ctx.events.emit("started", pid=os.getpid(), preloaded="trl" in sys.modules)
     result_path = Path(spec.result_path) if main_rank else _rank_result_path(spec)
     try:
-        _fault_at(spec.fault, "start")
+        faults.at_point(spec.fault, "start")
         memory_fraction = _limit_gpu_memory(ctx.config.gpu_memory_fraction)
         result = importlib.import_module(STAGES[spec.stage]).run(ctx)
         result.metrics["gpu_memory_fraction"] = memory_fraction
         if distributed.world_size() > 1:
             result.metrics["world_size"] = distributed.world_size()
             result.metrics["ddp_backend"] = distributed.SEEN.get("backend")
-        _tamper_output_if_asked(spec.fault, result.output_path)
-        _fault_at(spec.fault, "gate")
+        faults.tamper_output(spec.fault, result.output_path)
+        faults.at_point(spec.fault, "gate")
         gate = _run_gate(ctx, result)
     except OtherRankDone:
         return 0
@@ -81,7 +74,7 @@ def main(argv: list[str]) -> int:
             # Library errors rarely say which model or file they were loading; the inputs do.
             error += " (stage inputs: " + ", ".join(f"{k}={v}" for k, v in spec.inputs.items() if v) + ")"
         if failure.kind == ENVIRONMENT:
-            # The orchestrator adds what the stage writes (runner._stage_need_text).
+            # The orchestrator adds what the stage writes (stage_attempt._stage_need_text).
             error = full_disk_message(failure.where or spec.work_dir, failure.reason or "no space left on device")
         try:
             write_json_atomic(result_path, {"ok": False, "kind": failure.cause, "error_kind": failure.kind,
@@ -97,8 +90,8 @@ def main(argv: list[str]) -> int:
 
 
 def _stage_need(ctx: StageContext) -> Any:
-    """What this stage writes (engine/disk.py), for the message a full disk gets; None if unknown."""
-    from trainpipe.engine.disk import estimate
+    """What this stage writes (stages/footprint.py), for the message a full disk gets; None if unknown."""
+    from trainpipe.stages.footprint import estimate
 
     try:
         found = estimate(ctx.config, [ctx.spec.stage])
@@ -166,29 +159,6 @@ def _save_generations(path: Path, generations: list[dict[str, Any]]) -> None:
         lines = [json.dumps({k: g.get(k) for k in ("check", "prompt", "output", "problem")}, default=str)
                  for g in generations]
         Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _fault_at(fault: dict[str, Any], point: str) -> None:
-    """Test hook: TRAINPIPE_FAULT {"stage": "merge", "at": "start"|"gate", "action": "sigkill", ...}."""
-    if fault.get("at") == point:
-        from trainpipe.stages.training import inject_fault
-
-        inject_fault(fault)
-
-
-def _tamper_output_if_asked(fault: dict[str, Any], output_path: str) -> None:
-    """Test hook (TRAINPIPE_FAULT action "tamper_output"): change one weight of the finished output
-    before its gate runs, as a bad disk or a stray script would."""
-    if fault.get("action") != "tamper_output":
-        return
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    path = Path(output_path) / fault.get("file", "model.safetensors")
-    tensors = load_file(str(path))
-    name = sorted(k for k, v in tensors.items() if v.is_floating_point() and v.dim() == 2)[0]
-    tensors[name] = tensors[name] + float(fault.get("delta", 0.05)) * torch.ones_like(tensors[name])
-    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 if __name__ == "__main__":
