@@ -16,3 +16,13 @@ def fire_once(fault: dict[str, Any]) -> bool:
         return False
     Path(once).write_text("fired\n")
     return True
+
+
+def stage_point(fault: dict[str, Any], point: str) -> None:
+    """A kill point inside the stage process: fire this stage's fault (stages/training.inject_fault)
+    when its "at" names `point`. "rename": in finalize_output, after the previous output was removed
+    and before the staging dir is renamed into its place."""
+    if fault and fault.get("at") == point:
+        from trainpipe.stages.training import inject_fault
+
+        inject_fault(fault)

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from trainpipe import faults
 from trainpipe.checkpoints import write_manifest
 from trainpipe.stages import distributed
 from trainpipe.stages.base import StageContext
@@ -227,6 +228,7 @@ def finalize_output(ctx: StageContext, staging: Path) -> Path:
     if final.exists():
         shutil.rmtree(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    faults.stage_point(ctx.spec.fault, "rename")
     os.replace(staging, final)
     return final
 
