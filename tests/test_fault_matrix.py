@@ -1,7 +1,7 @@
 """The fault-injection matrix: SIGKILL the orchestrator right after every ledger transition, and the
-stage process at its start, mid-training and during its gate, in every stage. Every scenario must
-end `succeeded` with weights bit-identical to the uninterrupted reference run (max abs diff == 0),
-and a transition history without gaps.
+stage process at its start, mid-training, between the steps of its output's rename (SFT) and during
+its gate, in every stage. Every scenario must end `succeeded` with weights bit-identical to the
+uninterrupted reference run (max abs diff == 0), and a transition history without gaps.
 
 CI runs a representative subset; TRAINPIPE_FULL_MATRIX=1 runs all of it (about 20 minutes on
 2 cores). The README's Reliability section reports the last full run.
@@ -9,16 +9,19 @@ CI runs a representative subset; TRAINPIPE_FULL_MATRIX=1 runs all of it (about 2
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import QUICKSTART, resume_overrides
 from helpers import (assert_continued_from_checkpoint, assert_every_resume_continued, assert_identical,
                      assert_transitions_gap_free, attempts_per_stage, cli, final_weights, only_run_id,
-                     passed_stage_attempts)
+                     passed_stage_attempts, process_alive, start_run, started_pid, wait_for)
 
 from trainpipe.store.ledger import Ledger
 
@@ -30,9 +33,10 @@ ORCHESTRATOR_POINTS = [
     ("sft:checkpoint_written", 6), ("sft:pass_gate", None), ("merge:start", None), ("merge:validate", None), ("merge:pass_gate", None),
     ("dpo:start", None), ("dpo:checkpoint", 4), ("dpo:validate", None), ("dpo:pass_gate", None),
 ]
-# Stage-process kills: before the stage's work, at a training step, or while its gate runs.
+# Stage-process kills: before the stage's work, at a training step, between removing the old output and
+# renaming the staging dir into place (faults.at_point "rename"), or while its gate runs.
 STAGE_POINTS = [
-    ("sft", {"at": "start"}), ("sft", {"step": 5}), ("sft", {"at": "gate"}),
+    ("sft", {"at": "start"}), ("sft", {"step": 5}), ("sft", {"at": "rename"}), ("sft", {"at": "gate"}),
     ("merge", {"at": "start"}), ("merge", {"at": "gate"}),
     ("dpo", {"at": "start"}), ("dpo", {"step": 3}), ("dpo", {"at": "gate"}),
 ]
@@ -61,8 +65,6 @@ def _assert_recovered(ledger: Ledger, run_id: str, reference_weights) -> None:
                                                                       "dpo": "passed"}
     assert_transitions_gap_free(ledger, run_id)
     assert_every_resume_continued(ledger, run_id)
-    from pathlib import Path
-
     assert_identical(reference_weights, final_weights(Path(run["run_dir"])))
 
 
@@ -92,6 +94,40 @@ def test_orchestrator_killed_after_transition(point, step, tmp_path, db_url, ref
         stage = point.split(":")[0]
         # The trainer's own record: the resumed attempt began at the recorded checkpoint, not at step 1.
         assert assert_continued_from_checkpoint(ledger, run_id, stage) >= step
+    _assert_recovered(ledger, run_id, reference_weights)
+
+
+def test_killed_between_the_steps_of_the_output_rename_resumes_bit_identical(tmp_path, db_url, reference_weights):
+    """The machine dies while SFT moves its finished output into place: the orchestrator and the stage
+    process are both SIGKILLed while the stage holds between removing the old output and renaming
+    the staging dir (faults.at_point "rename"). `resume` must not take what is on disk for a
+    finished output, and ends on the reference weights."""
+    fault = {"stage": "sft", "at": "rename", "action": "pause", "seconds": 120, "once_file": str(tmp_path / "fired")}
+    proc = start_run(QUICKSTART, resume_overrides(tmp_path / "out"), fault)
+    try:
+        wait_for(lambda: (tmp_path / "fired").exists(), what="SFT to reach the rename of its output")
+        run_id = only_run_id(db_url)
+        ledger = Ledger(db_url)
+        run_dir = Path(ledger.get_run(run_id)["run_dir"])
+        stage_pid = started_pid(run_dir, "sft", 1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(stage_pid, signal.SIGKILL)
+    wait_for(lambda: not process_alive(stage_pid), timeout=30, what="the SFT process to die")
+    # What the kill left: the whole output still in staging, nothing at the output path.
+    staging = run_dir / ".work" / "sft" / "output.tmp-1"
+    assert (staging / "adapter_model.safetensors").is_file() and (staging / "trainpipe_stage.json").is_file()
+    assert not (run_dir / "sft").exists()
+
+    resumed = cli("resume", run_id)
+
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert [a["outcome"] for a in ledger.attempts(run_id, "sft")] == ["interrupted", "passed"]
+    # The new attempt went on from the last checkpoint (step 12, the stage's last) and wrote and renamed
+    # its own output.
+    assert assert_continued_from_checkpoint(ledger, run_id, "sft", trains=False) == 12
     _assert_recovered(ledger, run_id, reference_weights)
 
 

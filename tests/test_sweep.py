@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import QUICKSTART, REPO_ROOT, fast_overrides
-from helpers import assert_continued_from_checkpoint, cli
+from helpers import (assert_continued_from_checkpoint, cli, process_alive, started_pid, trainer_steps,
+                     wait_for)
 
 from trainpipe.store.ledger import Ledger
 from trainpipe.config.sweepfile import load_sweep
@@ -28,6 +30,17 @@ def _sweep_file(tmp_path: Path, **fields) -> Path:
 
 def _sets(overrides: list[str]) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
+
+
+def _assert_real_png(path: Path) -> None:
+    """A PNG file that decodes to an image of the plot's size (6 x 3.5 in at matplotlib's 100 dpi),
+    with more than one colour in it: not an empty or truncated file that merely has the name."""
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    pixels = imread(path)
+    assert pixels.shape[:2] == (350, 600), pixels.shape
+    assert len({tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[::97].tolist()}) > 2
 
 
 def _trainings(ledger: Ledger, run_ids: list[str]) -> dict[str, int]:
@@ -94,6 +107,7 @@ def test_beta_sweep_killed_resumes_trains_shared_stages_once_and_never_chooses_a
     table = (out / "comparison.md").read_text()
     assert table.count("\n") == 5 and "(best)" in table and "rejected" in table
     assert json.loads((out / "results.json").read_text())["best"]["run_id"] == status["best"]["run_id"]
+    _assert_real_png(out / "objective.png")
     assert f"best config: {out / 'best_config.yaml'}" in proc.stdout
     again = cli("sweep", "--resume", sweep_id)
     assert again.returncode == 2 and "finished" in again.stderr
@@ -104,6 +118,61 @@ def test_beta_sweep_killed_resumes_trains_shared_stages_once_and_never_chooses_a
     run_id = json.loads(rerun.stdout)["run_id"]
     assert ledger.attempts(run_id) == []
     assert next(s for s in ledger.stages(run_id) if s["name"] == "dpo")["cached_from_run"] == status["best"]["run_id"]
+
+
+def test_a_sigkilled_workers_trial_is_claimed_by_another_worker_that_resumes_it_from_its_checkpoint(tmp_path, db_url):
+    """One trial, SFT only (6 steps, a checkpoint every 2). The sweep process, which holds the trial,
+    is SIGKILLed at step 3, after checkpoint-2; a `sweep --worker` then claims the abandoned trial,
+    resumes its run from checkpoint-2 and finishes the sweep."""
+    sweep = _sweep_file(tmp_path, name="takeover", space={"sft.learning_rate": [5e-3]},
+                        objective={"metric": "sft.final_loss", "direction": "minimize"})
+    overrides = fast_overrides(tmp_path / "out") + ["stages.merge.enabled=false", "stages.dpo.enabled=false",
+                                                    "sft.max_steps=6", "checkpoint_every_n_steps=2"]
+    env = os.environ.copy()
+    env["TRAINPIPE_FAULT"] = json.dumps({"stage": "sft", "step": 3, "action": "pause", "seconds": 120,
+                                         "once_file": str(tmp_path / "fired")})
+    first = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "sweep", str(sweep), *_sets(overrides)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    ledger = Ledger(db_url)
+    try:
+        wait_for(lambda: (tmp_path / "fired").exists(), what="the trial's SFT to reach step 3")
+        (sweep_row,) = ledger.list_sweeps()
+        sweep_id = sweep_row["sweep_id"]
+        (trial,) = ledger.sweep_trials(sweep_id)
+        # Killed once the sweep process has recorded checkpoint-2 (it reads the stage's events as they come).
+        wait_for(lambda: ledger.checkpoints(trial["run_id"], "sft"), timeout=60, what="checkpoint-2 recorded")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    (trial,) = ledger.sweep_trials(sweep_id)
+    assert trial["state"] == "running" and trial["owner_pid"] == first.pid, trial
+    run = ledger.get_run(trial["run_id"])
+    # The stage process dies with its orchestrator: nothing of the first worker trains on.
+    stage_pid = started_pid(run["run_dir"], "sft", 1)
+    wait_for(lambda: not process_alive(stage_pid), timeout=30, what="the stage process to die with its sweep")
+    assert [c["step"] for c in ledger.checkpoints(trial["run_id"], "sft")] == [2]
+
+    second = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "sweep", "--worker", sweep_id],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    output, _ = second.communicate(timeout=300)
+
+    assert second.returncode == 0, output
+    assert ledger.get_sweep(sweep_id)["state"] == "finished"
+    (trial,) = ledger.sweep_trials(sweep_id)
+    assert trial["state"] == "done" and trial["owner_pid"] == second.pid and trial["objective"] is not None
+    # The ledger's own record of which process did what: the first worker started the run, the second
+    # resumed it and moved it to succeeded.
+    transitions = [t for t in ledger.transitions(trial["run_id"]) if t["stage"] is None]
+    assert transitions[0]["pid"] == first.pid
+    resumes = [t for t in transitions if t["trigger"] == "resume"]
+    assert len(resumes) == 1 and resumes[0]["pid"] == second.pid, transitions
+    assert transitions[-1]["to_state"] == "succeeded" and transitions[-1]["pid"] == second.pid, transitions
+    assert [a["outcome"] for a in ledger.attempts(trial["run_id"], "sft")] == ["interrupted", "passed"]
+    # The trainer of the second attempt began at checkpoint-2's step and went on to step 6.
+    assert assert_continued_from_checkpoint(ledger, trial["run_id"], "sft") == 2
+    assert trainer_steps(run["run_dir"], "sft", 2)[1] == [3, 4, 5, 6]
+    out = Path(json.loads(cli("sweep-status", sweep_id, "--json", check=True).stdout)["outputs"]["dir"])
+    assert json.loads((out / "results.json").read_text())["best"]["run_id"] == trial["run_id"]
 
 
 # On PostgreSQL too: trial claims, the stage lease and the reuse are compare-and-sets between processes.

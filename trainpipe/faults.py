@@ -65,7 +65,9 @@ def at_step(fault: dict[str, Any], step: int, rank: int) -> None:
 
 
 def at_point(fault: dict[str, Any], point: str) -> None:
-    """A stage-process hook at a named point ("start": before the stage; "gate": before its gate)."""
+    """A stage-process hook at a named point: "start", before the stage; "gate", before its gate;
+    "rename", in finalize_output after the previous output was removed and before the staging dir
+    is renamed into its place."""
     if fault.get("at") == point:
         inject(fault)
 

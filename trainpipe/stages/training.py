@@ -200,6 +200,7 @@ def finalize_output(ctx: StageContext, staging: Path) -> Path:
     if final.exists():
         shutil.rmtree(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    faults.at_point(ctx.spec.fault, "rename")
     os.replace(staging, final)
     return final
 
