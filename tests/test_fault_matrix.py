@@ -4,7 +4,7 @@ end `succeeded` with weights bit-identical to the uninterrupted reference run (m
 and a transition history without gaps.
 
 CI runs a representative subset; TRAINPIPE_FULL_MATRIX=1 runs all of it (about 20 minutes on
-2 cores). The README's Reliability section reports the last full run.
+2 cores). docs/fault-tolerance.md (Reliability) reports the last full run.
 """
 
 from __future__ import annotations
