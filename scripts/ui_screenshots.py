@@ -1,4 +1,4 @@
-"""Screenshots of `trainpipe ui` for the README (docs/img/ui-*.png), from a real run.
+"""Screenshots of `trainpipe ui` for docs/ui.md (docs/img/ui-*.png), from a real run.
 
 Trains configs/quickstart.yaml into a fresh ledger, runs a two-trial sweep over dpo.beta on it (SFT
 and merge come from the stage cache), starts `trainpipe ui` on that ledger and photographs the runs,

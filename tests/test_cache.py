@@ -248,7 +248,7 @@ def _changed_copy(tmp_path: Path, name: str) -> Path:
     return copy
 
 
-# What each stage's output depends on beyond its own settings (README, "Stage cache"): each input
+# What each stage's output depends on beyond its own settings (docs/cache-and-sweeps.md, "Stage cache"): each input
 # changed alone, and the stages whose fingerprint must change with it. SFT's change carries on to
 # merge and DPO through `upstream`; gate 3 (DPO's) reads the eval and red-team sets.
 INPUTS = {

@@ -4,7 +4,7 @@ its gate, in every stage. Every scenario must end `succeeded` with weights bit-i
 uninterrupted reference run (max abs diff == 0), and a transition history without gaps.
 
 CI runs a representative subset; TRAINPIPE_FULL_MATRIX=1 runs all of it (about 20 minutes on
-2 cores). The README's Reliability section reports the last full run.
+2 cores). docs/fault-tolerance.md (Reliability) reports the last full run.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Security claims of the README, observed: what reaches `from_pretrained` while real stages run, and
+"""Security claims of docs/security.md, observed: what reaches `from_pretrained` while real stages run, and
 config paths that try to leave the place they belong to."""
 
 from __future__ import annotations

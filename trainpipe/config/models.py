@@ -66,31 +66,42 @@ class LauncherSettings(_Strict):
 class StageSettings(_Strict):
     """Keys the lesson's stage files carry, plus a few trainpipe extensions."""
 
-    max_seq_length: int = Field(2048, ge=8, description="Longest tokenized example; longer ones are truncated.")
+    max_seq_length: int = Field(2048, ge=8, description="Longest tokenized example, in tokens; longer ones are "
+                                "truncated (`trainpipe data` shows the truncated tokens struck through).")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    epochs: float = Field(3, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA layers' input during training.")
+    epochs: float = Field(3, gt=0, description="Passes over the training set; fractions allowed. `max_steps` "
+                          "overrides it.")
     batch_size: int = Field(4, ge=1, description="Per-device micro-batch.")
-    gradient_accumulation: int = Field(4, ge=1)
-    learning_rate: float = Field(2e-4, gt=0)
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    save_steps: int | None = Field(None, ge=1, description="Checkpoint interval; defaults to checkpoint_every_n_steps.")
+    gradient_accumulation: int = Field(4, ge=1, description="Micro-batches per optimizer step. Effective batch: "
+                                       "batch_size * gradient_accumulation * world size.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW on the LoRA weights.")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of the optimizer steps spent warming the "
+                                "learning rate up linearly from 0.")
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint interval in optimizer steps; default "
+                                   "`checkpoint_every_n_steps`. A checkpoint is also written at the last step.")
     beta: float = Field(0.1, gt=0, description="DPO temperature; SFT accepts and ignores it (lesson files carry it).")
     # trainpipe extensions
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+                                      description="Module names LoRA adapts; default every attention and MLP "
+                                                  "projection of Llama/Qwen-style models.")
     load_in_4bit: bool = Field(False, description="QLoRA: load the base in bitsandbytes NF4.")
-    logging_steps: int = Field(1, ge=1)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler_type: str = "linear"
-    max_grad_norm: float = Field(1.0, gt=0)
+    logging_steps: int = Field(1, ge=1, description="Log loss, grad norm (and DPO rewards) every N optimizer "
+                               "steps; the gates read these logs, so keep a few per stage.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the LoRA weights.")
+    lr_scheduler_type: str = Field("linear", description="transformers' scheduler name, e.g. linear, cosine, "
+                                   "constant_with_warmup.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (global L2 norm).")
     report_to: list[Literal["none", "tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=lambda: ["none"],
-        description="Experiment trackers the trainer logs to (transformers' report_to). TensorBoard "
-                    "event files go to <run dir>/tensorboard/<stage>.")
+        description="Experiment trackers the trainer logs to (transformers' report_to): one or a list. "
+                    "TensorBoard event files go to <run dir>/tensorboard/<stage> (needs tensorboard or "
+                    "tensorboardX). A tracker that is not installed fails the preflight, naming the key.")
     launcher: LauncherSettings | None = Field(
-        None, description="Run this stage under torchrun (DDP); unset: one process, as by default.")
+        None, description="Run this stage under torchrun (DDP); unset: one process. See "
+                          "docs/distributed.md.")
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -100,22 +111,25 @@ class StageSettings(_Strict):
 
 class SFTSettings(StageSettings):
     completion_only_loss: bool = Field(
-        True, description="Train on the final assistant turn only; the prompt tokens carry no loss.")
+        True, description="For chat `messages` rows, train on the last assistant turn only (TRL prompt/"
+                          "completion); the system and user tokens carry no loss. Works with any chat template.")
 
 
 class DPOSettings(StageSettings):
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: float = Field(16, gt=0)
-    epochs: float = Field(1, gt=0)
-    batch_size: int = Field(2, ge=1)
-    gradient_accumulation: int = Field(8, ge=1)
-    learning_rate: float = Field(5e-5, gt=0)
-    save_merged: bool = Field(False, description="Also save the DPO adapter merged into its base.")
+    lora_r: int = Field(8, ge=1, description="LoRA rank of the DPO adapter.")
+    lora_alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    epochs: float = Field(1, gt=0, description="Passes over the preference pairs; `max_steps` overrides it.")
+    batch_size: int = Field(2, ge=1, description="Per-device micro-batch, in preference pairs.")
+    gradient_accumulation: int = Field(8, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of AdamW on the DPO adapter.")
+    save_merged: bool = Field(False, description="Also save the DPO adapter merged into a full-precision (float32) "
+                              "copy of its base; that copy is then the run's final model.")
 
 
 class MergeSettings(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype of the merged weights. The merge always happens in full precision."
+        "float32", description="dtype of the saved merged model. The merge itself always happens in float32 "
+                               "(a 4-bit base is dequantized first); gate 2's tolerance follows this dtype."
     )
 
 
@@ -123,11 +137,15 @@ STAGE_SETTINGS: dict[str, type[_Strict]] = {"sft": SFTSettings, "merge": MergeSe
 
 
 class StageEntry(_Strict):
-    name: Literal["sft", "merge", "dpo"]
-    enabled: bool = True
-    config_path: str | None = None
-    timeout_minutes: float | None = Field(None, gt=0)
-    retry_count: int = Field(0, ge=0, le=10)
+    name: Literal["sft", "merge", "dpo"] = Field(description="The stage; stages run in the order sft, merge, dpo.")
+    enabled: bool = Field(True, description="false: the stage is `skipped` and the pipeline adapts (merge needs "
+                          "sft; without merge, DPO trains on the SFT adapter).")
+    config_path: str | None = Field(None, description="The lesson's per-stage YAML (sft_config.yaml, ...), "
+                                    "relative to the working directory, else to the pipeline file.")
+    timeout_minutes: float | None = Field(None, gt=0, description="Wall-clock limit of one attempt, in minutes; "
+                                          "past it the stage's process group is killed (a transient failure).")
+    retry_count: int = Field(0, ge=0, le=10, description="Retries after a transient failure (OOM, killed, "
+                             "timeout, I/O), from the newest verified checkpoint, with exponential backoff.")
 
 
 # Gate 3's safety blocklist (case-insensitive regexes): an assistant that turns a red-team request
@@ -141,8 +159,11 @@ DEFAULT_BLOCKLIST = [
 class CheckOverride(_Strict):
     """Per-check settings under `validation.checks.<name>`."""
 
-    timeout_s: float | None = Field(None, gt=0)
-    severity: Literal["error", "warn", "off"] | None = None
+    timeout_s: float | None = Field(None, gt=0, description="Seconds before the check is killed and recorded as "
+                                    "failed (\"timed out after N s\"); default per check (custom checks 300).")
+    severity: Literal["error", "warn", "off"] | None = Field(
+        None, description="error: a failure rejects the stage (exit 3); warn: reported only; off: not run. "
+                          "Default error.")
 
     @field_validator("severity", mode="before")
     @classmethod
@@ -151,10 +172,14 @@ class CheckOverride(_Strict):
 
 
 class ValidationConfig(_Strict):
-    max_loss: float = Field(2.0, gt=0, description="Gate 1: final SFT loss must be below this.")
-    min_accuracy: float = Field(0.7, ge=0, le=1, description="Gate 3: final DPO rewards/accuracies floor.")
-    check_nan: bool = True
-    custom_checks: list[str] = Field(default_factory=list)
+    max_loss: float = Field(2.0, gt=0, description="Gate 1 (`loss_below_max`): the final logged SFT loss must be "
+                            "below this.")
+    min_accuracy: float = Field(0.7, ge=0, le=1, description="Gate 3 (`alignment_ok`): floor of DPO reward "
+                                "accuracy, on held-out pairs if there are any, else over the last training steps.")
+    check_nan: bool = Field(True, description="Gate 1 (`no_nan`): fail on any NaN/inf logged loss or grad norm.")
+    custom_checks: list[str] = Field(default_factory=list, description="Extra checks at the last enabled stage's "
+                                     "gate: the built-ins output_format_valid, no_harmful_content, or "
+                                     "`package.module:function` on PYTHONPATH (imported when the config loads).")
     # trainpipe extensions
     eval_split: float = Field(0.1, ge=0, lt=1, description="Share of SFT rows held out for gate 3 when "
                               "datasets.eval is not set; those rows are not trained on.")
@@ -168,16 +193,20 @@ class ValidationConfig(_Strict):
     format_required_keys: list[str] = Field(default_factory=list, description="Expected keys for eval rows "
                                             "whose reference answer is not a JSON object.")
     redteam_file: str | None = Field(None, description="Red-team prompts; default: the bundled Task API set.")
-    blocklist: list[str] = Field(default_factory=lambda: list(DEFAULT_BLOCKLIST))
-    max_new_tokens: int = Field(64, ge=1, le=4096)
+    blocklist: list[str] = Field(default_factory=lambda: list(DEFAULT_BLOCKLIST),
+                                 description="Gate 3 (`no_harmful_content`): case-insensitive regexes no generated "
+                                             "output may match; the default targets a Task API assistant.")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Gate generation length (greedy), in tokens.")
     loss_window: float = Field(0.25, gt=0, le=0.5, description="Gate 1/3: share of logged steps averaged as "
                                "the first and last window.")
-    dpo_step0_tolerance: float = Field(0.05, gt=0, description="Gate 3: |first DPO loss - ln 2| limit.")
+    dpo_step0_tolerance: float = Field(0.05, gt=0, description="Gate 3 (`dpo_step0_sanity`): how far the first "
+                                       "DPO loss may be from ln 2 (the reference must be the starting policy).")
     merge_prompts: int = Field(8, ge=1, le=256, description="Gate 2: prompts compared base+adapter vs merged.")
     merge_tolerance: float | None = Field(None, gt=0, description="Gate 2: max |logit difference| relative to "
                                           "the largest logit; default by dtype (float32 1e-4, float16 1e-2, "
                                           "bfloat16 5e-2).")
-    checks: dict[str, CheckOverride] = Field(default_factory=dict)
+    checks: dict[str, CheckOverride] = Field(default_factory=dict, description="Per-check settings by check "
+                                             "name; an unknown name is a config error.")
 
     @field_validator("custom_checks")
     @classmethod
@@ -291,32 +320,50 @@ class DatasetSource(_Strict):
 
 
 class DatasetPaths(_Strict):
-    sft: DatasetSource | None = None
-    preference: DatasetSource | None = None
-    eval: DatasetSource | None = Field(None, description="Held-out chat rows for the generation checks.")
+    sft: DatasetSource | None = Field(None, description="SFT rows (chat, prompt/completion or text); "
+                                      "`--sft-dataset` overrides it.")
+    preference: DatasetSource | None = Field(None, description="DPO preference pairs; `--preference-dataset` "
+                                             "overrides it.")
+    eval: DatasetSource | None = Field(None, description="Held-out chat rows for the generation checks; default "
+                                       "`validation.eval_split` of the SFT rows.")
     preference_eval: DatasetSource | None = Field(
         None, description="Held-out preference pairs: gate 3 measures DPO reward accuracy and margin on them.")
 
 
 class PipelineConfig(_Strict):
-    pipeline_id: str
-    base_model: str = Field(description="Hub id, local directory, or 'builtin:tiny-qwen2'.")
-    output_dir: str = "./artifacts"
-    stages: list[StageEntry] = Field(min_length=1)
-    validation: ValidationConfig = Field(default_factory=ValidationConfig)
-    gpu_memory_fraction: float = Field(0.9, gt=0, le=1)
-    checkpoint_every_n_steps: int = Field(100, ge=1)
-    save_intermediate: bool = True
-    upload_to_hub: bool = False
-    hub_repo_id: str | None = None
+    pipeline_id: str = Field(description="Names the runs (`<pipeline_id>-<YYYYMMDD-HHMMSS>-<6 hex>`) and their "
+                             "files: letters, digits, '.', '_', '-'.")
+    base_model: str = Field(description="Hub id, local directory (config.json, *.safetensors, a tokenizer), or "
+                            "'builtin:tiny-qwen2'.")
+    output_dir: str = Field("./artifacts", description="Each run writes under <output_dir>/<run_id>/; the latest "
+                            "run's pipeline_result.json is copied to <output_dir>/.")
+    stages: list[StageEntry] = Field(min_length=1, description="The stages and their run settings, in order.")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Gate thresholds and "
+                                         "checks (docs/gates.md).")
+    gpu_memory_fraction: float = Field(0.9, gt=0, le=1, description="CUDA only: each stage process caps itself "
+                                       "at this share of the GPU's memory; parallel sweep trials are limited to "
+                                       "floor(1 / fraction). Ignored on CPU.")
+    checkpoint_every_n_steps: int = Field(100, ge=1, description="Default checkpoint interval (optimizer steps) "
+                                          "of stages without `save_steps`.")
+    save_intermediate: bool = Field(True, description="false: a stage's checkpoints are deleted once it passes "
+                                    "(its output is kept).")
+    upload_to_hub: bool = Field(False, description="Add an `upload` stage after dpo that pushes the final model "
+                                "to `hub_repo_id`; needs HF_TOKEN in the environment.")
+    hub_repo_id: str | None = Field(None, description="owner/name of the Hub model repo for `upload_to_hub`.")
     # trainpipe extensions
-    backend: Literal["auto", "hf", "unsloth"] = "auto"
-    trust_remote_code: bool = False
-    seed: int = 42
-    datasets: DatasetPaths = Field(default_factory=DatasetPaths)
-    sft: SFTSettings = Field(default_factory=SFTSettings)
-    merge: MergeSettings = Field(default_factory=MergeSettings)
-    dpo: DPOSettings = Field(default_factory=DPOSettings)
+    backend: Literal["auto", "hf", "unsloth"] = Field("auto", description="hf: transformers+peft+trl; unsloth: "
+                                                      "needs CUDA; auto: unsloth when CUDA is available and "
+                                                      "unsloth is installed, else hf.")
+    trust_remote_code: bool = Field(False, description="Passed to every from_pretrained; off unless you turn it "
+                                    "on.")
+    seed: int = Field(42, description="One seed for data order, held-out splits, dropout and LoRA init.")
+    datasets: DatasetPaths = Field(default_factory=DatasetPaths, description="Where each dataset role's rows "
+                                   "come from (docs/data.md).")
+    sft: SFTSettings = Field(default_factory=SFTSettings, description="Inline SFT settings; override the "
+                             "stage's config_path file.")
+    merge: MergeSettings = Field(default_factory=MergeSettings, description="Merge settings.")
+    dpo: DPOSettings = Field(default_factory=DPOSettings, description="Inline DPO settings; override the "
+                             "stage's config_path file.")
 
     @field_validator("pipeline_id")
     @classmethod
