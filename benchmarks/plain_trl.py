@@ -32,7 +32,7 @@ def refusals(config: Any) -> list[str]:
     """Settings of the resolved config this script would not reproduce faithfully, one line each."""
     import importlib.util
 
-    from trainpipe.engine.fingerprint import cuda_device_visible
+    from trainpipe.engine.identity import cuda_device_visible
 
     problems = []
     for stage in ("sft", "dpo"):

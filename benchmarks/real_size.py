@@ -109,7 +109,7 @@ def gate_checks(db_url: str) -> list[tuple[str, str, float]]:
 def identity_cost(model_dir: Path) -> str:
     """base_model_identity on a local folder, in a fresh process: the first call hashes, the second
     (lineage.build then the run's fingerprints: two per run, three per resume) reuses it."""
-    code = ("import time, json; from trainpipe.engine.fingerprint import base_model_identity as b\n"
+    code = ("import time, json; from trainpipe.engine.identity import base_model_identity as b\n"
             f"t=time.perf_counter(); b({str(model_dir)!r}); first=time.perf_counter()-t\n"
             f"t=time.perf_counter(); b({str(model_dir)!r}); second=time.perf_counter()-t\n"
             "print(json.dumps([first, second]))")

@@ -223,7 +223,7 @@ def test_fingerprint_follows_settings_data_and_upstream(tmp_path):
 def test_base_model_identity_sees_a_file_changed_since_it_was_hashed(tmp_path):
     """The identity of a local base model is hashed once per process and reused (engine/fingerprint.py);
     a file rewritten since, even to the same size, must still change it."""
-    from trainpipe.engine.fingerprint import base_model_identity
+    from trainpipe.engine.identity import base_model_identity
 
     model = tmp_path / "model"
     model.mkdir()

@@ -22,7 +22,7 @@ import trainpipe
 from trainpipe import checkpoints
 from trainpipe.config import load_config
 from trainpipe.engine.fingerprint import stage_fingerprint
-from trainpipe.engine.supervisor import torchrun_command
+from trainpipe.engine.stage_process import torchrun_command
 from trainpipe.store.ledger import Ledger
 
 LAUNCHER = ["sft.launcher.type=torchrun", "sft.launcher.nproc_per_node=2"]

@@ -287,7 +287,8 @@ def test_a_ledger_made_by_release_0_1_0_is_upgraded_on_open(tmp_path: Path) -> N
 
     from helpers import cli_json
 
-    from trainpipe.store.reader import LedgerReader, open_for_reading
+    from trainpipe.store.opening import open_for_reading
+    from trainpipe.store.reader import LedgerReader
 
     # Now at head, `status` reads it through the light reader.
     assert type(open_for_reading(url)) is LedgerReader
@@ -393,7 +394,8 @@ def test_the_stdlib_reader_decodes_every_json_and_boolean_column_of_the_schema()
 def test_a_migrated_sqlite_ledger_is_opened_for_reading_without_sqlalchemy(ledger: Ledger, db_url: str,
                                                                            tmp_path: Path) -> None:
     sqlite_only(db_url, "the stdlib sqlite3 reader")
-    from trainpipe.store.reader import LedgerReader, open_for_reading
+    from trainpipe.store.opening import open_for_reading
+    from trainpipe.store.reader import LedgerReader
 
     make_run(ledger)
     reader = open_for_reading(db_url)

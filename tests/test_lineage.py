@@ -21,7 +21,8 @@ from helpers import cli
 from trainpipe.checkpoints import sha256_file
 from trainpipe.config import config_from_snapshot
 from trainpipe.engine import preflight
-from trainpipe.engine.lineage import LIBRARIES, world_size
+from trainpipe.engine.identity import world_size
+from trainpipe.engine.lineage import LIBRARIES
 from trainpipe.stages.tiny_model import ASSET_DIR, CHECKSUMS
 from trainpipe.store.ledger import Ledger
 

@@ -250,7 +250,7 @@ def test_shipped_sweep_files_load(name):
 def test_sampler_replays_the_same_trials(strategy):
     """`sweep --resume` rebuilds the study by asking again and telling the recorded results: the
     seeded sampler must then propose exactly what it proposed the first time."""
-    from trainpipe.engine.sweep import _distributions, _same, _study
+    from trainpipe.engine.sweep_study import new_study, same_params, space_distributions
     from trainpipe.config.sweepfile import SweepSpec
 
     spec = SweepSpec.model_validate({
@@ -258,20 +258,20 @@ def test_sampler_replays_the_same_trials(strategy):
         "space": {"sft.learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}, "dpo.beta": [0.05, 0.1, 0.3],
                   "sft.lora_r": {"low": 4, "high": 16, "step": 4}},
         "objective": {"metric": "dpo.rewards/accuracies"}})
-    distributions = _distributions(spec)
+    distributions = space_distributions(spec)
 
     def play(study, recorded=None):
         proposed = []
         for number in range(8):
             trial = study.ask(distributions)
             if recorded is not None:
-                assert _same(trial.params, recorded[number]), number
+                assert same_params(trial.params, recorded[number]), number
             proposed.append(dict(trial.params))
             study.tell(trial, trial.params["dpo.beta"] * 10 - abs(trial.params["sft.lora_r"] - 8))
         return proposed
 
-    first = play(_study(spec))
-    assert play(_study(spec), first) == first
+    first = play(new_study(spec))
+    assert play(new_study(spec), first) == first
     assert all(p["sft.lora_r"] in (4, 8, 12, 16) and isinstance(p["sft.lora_r"], int) for p in first)
     assert len({p["sft.learning_rate"] for p in first}) == 8
 

@@ -455,7 +455,7 @@ def _seed_small(url: str) -> None:
 @pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
 def test_run_filters_and_paging_in_the_shared_reader(db_url):
     from trainpipe.engine.report import status_rows
-    from trainpipe.store.reader import open_for_reading
+    from trainpipe.store.opening import open_for_reading
 
     _seed_small(db_url)
     reader = open_for_reading(db_url)

@@ -34,7 +34,7 @@ def _ledger(db: str | None):
 
 
 def _reader(db: str | None):
-    from trainpipe.store.reader import open_for_reading
+    from trainpipe.store.opening import open_for_reading
 
     return open_for_reading(db)
 
@@ -260,7 +260,7 @@ def sweep_status(
     db: DbOption = None,
 ) -> None:
     """The comparison table of a sweep, from the ledger: params, gates, objective, wall time, the best."""
-    from trainpipe.engine.sweep import report
+    from trainpipe.engine.sweep_report import report
 
     _renderer(json_output).sweep(report(_ledger(db), sweep_id))
 

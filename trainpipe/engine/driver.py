@@ -19,13 +19,13 @@ from trainpipe import failures, faults
 from trainpipe.config import UPLOAD_STAGE, config_from_snapshot, ineffective_overrides, load_config
 from trainpipe.engine import lineage, liveness, preflight
 from trainpipe.engine.finish import finish, stopped_by_disk
-from trainpipe.engine.fingerprint import base_model_identity
+from trainpipe.engine.identity import base_model_identity
 from trainpipe.engine.machine import RUN_RESUMABLE, STAGE_DONE, RunState, advance
 from trainpipe.engine.observer import Observer, RunResult
 from trainpipe.engine.reuse import fingerprint_for, reuse_cached
 from trainpipe.engine.stage_attempt import run_stage
+from trainpipe.engine.stage_process import StageWorkers, worker_mode
 from trainpipe.engine.stop import StopFlag
-from trainpipe.engine.supervisor import StageWorkers, worker_mode
 from trainpipe.engine.upload import upload_stage
 from trainpipe.errors import (
     EXIT_ENVIRONMENT,

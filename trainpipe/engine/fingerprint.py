@@ -16,10 +16,8 @@ cached run never loads torch.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,8 @@ from typing import Any
 from trainpipe.checkpoints import sha256_file
 from trainpipe import versions
 from trainpipe.config import PipelineConfig
-from trainpipe.stages.sources import identity as source_identity
+from trainpipe.engine.identity import base_model_identity, cuda_device_visible, digest, nproc_per_node
+from trainpipe.engine.identity import dataset_identity as source_identity
 
 # Settings that change when, how often or where something is logged or saved, never what is trained;
 # and SFT's `beta`, which SFT accepts (the lesson's files carry it) and ignores.
@@ -46,22 +45,8 @@ FINAL_GATE_KEYS = ("custom_checks", "format_threshold", "format_required_keys", 
 VERSIONED = ("torch", "transformers", "trl", "peft", "trainpipe")
 
 
-def _digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _file_hash(path: str | None) -> str | None:
     return sha256_file(Path(path)) if path else None
-
-
-def package_versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str | None]:
-    return versions.package_versions(names)
-
-
-def cuda_device_visible() -> bool:
-    """A visible NVIDIA device node, standing in for `torch.cuda.is_available()` in the orchestrator,
-    which never imports torch."""
-    return os.path.exists("/dev/nvidiactl") and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
 
 
 def resolved_backend(config: PipelineConfig) -> str:
@@ -75,47 +60,6 @@ def resolved_backend(config: PipelineConfig) -> str:
     # Each CPU kernel rounds differently (README, "Same outcome on every CPU").
     kernel = os.environ.get("ATEN_CPU_CAPABILITY") or "native"
     return f"{backend}/{'cuda' if cuda else 'cpu'}/{kernel}"
-
-
-def base_model_identity(name: str) -> dict[str, Any]:
-    """What identifies the base model's content: the built-in model's SHA256SUMS (its recipe and every
-    file's hash), a local directory's file hashes, or a Hub id with the revision the local cache holds."""
-    from trainpipe.stages.tiny_model import ASSET_DIR, CHECKSUMS, is_builtin
-
-    if is_builtin(name):
-        return {"builtin": name, "sha256sums": sha256_file(ASSET_DIR / CHECKSUMS)}
-    local = Path(name).expanduser()
-    if local.is_dir():
-        files = sorted(p for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts)
-        return {"local": _digest([(str(p.relative_to(local)), _unchanged_file_hash(p)) for p in files])}
-    return {"hub": name, "revision": _hub_revision(name)}
-
-
-# (resolved path, size, mtime_ns) -> sha256. A run asks for the base model's identity more than once
-# (its lineage at creation, its stages' fingerprints, a resume's environment check); a 0.5B model is
-# ~1 GB to read each time. A file rewritten in place changes its mtime, so a stale hash is not reused.
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def _unchanged_file_hash(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = sha256_file(path)
-    return _FILE_HASHES[key]
-
-
-def _hub_revision(repo_id: str) -> str | None:
-    """The commit `main` points at in the local Hub cache (what from_pretrained loads offline), or None
-    when it is not cached yet: then the id alone is hashed, and a later download of a newer `main`
-    goes unnoticed until the cache records it."""
-    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
-    ref = Path(cache) / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
-    try:
-        return ref.read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
 
 
 def _gate_settings(config: PipelineConfig, stage: str) -> dict[str, Any]:
@@ -148,8 +92,6 @@ def stage_fingerprint(config: PipelineConfig, stage: str, upstream: str | None,
     settings = getattr(config, stage).model_dump(mode="json")
     if isinstance(settings.get("launcher"), dict) and settings["launcher"].get("nproc_per_node") == "auto":
         # World size changes the result: `auto` is fingerprinted as what it resolves to here.
-        from trainpipe.engine.lineage import nproc_per_node
-
         settings["launcher"] = {**settings["launcher"], "nproc_per_node": nproc_per_node(settings["launcher"])}
     datasets: dict[str, str | None] = {}
     if stage == "sft":
@@ -159,7 +101,7 @@ def stage_fingerprint(config: PipelineConfig, stage: str, upstream: str | None,
                     "preference_eval": source_identity(config.datasets.preference_eval)}
     elif stage == "merge":
         datasets = {"sft": source_identity(config.datasets.sft)}  # gate 2 compares logits on SFT prompts
-    return _digest({
+    return digest({
         "stage": stage,
         "settings": {k: v for k, v in settings.items()
                      if k not in IGNORED_SETTINGS | IGNORED_BY_STAGE.get(stage, set())},
@@ -170,7 +112,7 @@ def stage_fingerprint(config: PipelineConfig, stage: str, upstream: str | None,
         "seed": config.seed,
         "trust_remote_code": config.trust_remote_code,
         "backend": resolved_backend(config),
-        "versions": package_versions(),
+        "versions": versions.package_versions(VERSIONED),
     })
 
 

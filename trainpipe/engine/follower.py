@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainpipe.engine.supervisor import TERM_GRACE_S, Torchrun
+from trainpipe.engine.stage_process import Torchrun
+from trainpipe.engine.supervisor import TERM_GRACE_S
 from trainpipe.errors import TrainpipeError
 from trainpipe.store.reader import LedgerReader
 

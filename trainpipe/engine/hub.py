@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from trainpipe import failures
-from trainpipe.stages.loading import hub_token
+from trainpipe.credentials import hub_token
 
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{4,}")
 # Exception classes (httpx's, requests', the stdlib's) that mean the Hub was never reached.

@@ -1,7 +1,7 @@
 """The run's lineage: where its model came from and what it ran on, recorded once, at run creation,
 in `runs.lineage`; and the check that compares it with the environment a resume would run in.
 
-Torch-free, like the fingerprints it shares code with (engine/fingerprint.py): versions come from
+Torch-free, like the fingerprints (both read identities from engine/identity.py): versions come from
 package metadata, the device from the NVIDIA device nodes, so recording it never loads torch. The
 artifacts' sha256 and size are not copied here: the `artifacts` table has them, and `inspect` joins
 the two (engine/report.py). Nothing secret goes in: no environment variable is read but
@@ -14,15 +14,14 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import time
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from trainpipe.config import STAGE_ORDER, PipelineConfig
-from trainpipe.engine.fingerprint import base_model_identity, cuda_device_visible, package_versions
-from trainpipe.stages.sources import identity as source_identity
+from trainpipe.engine.identity import base_model_identity, cuda_device_visible, gpu_name, world_size
+from trainpipe.engine.identity import dataset_identity as source_identity
+from trainpipe.versions import package_versions
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
              "huggingface_hub", "trainpipe")
@@ -33,47 +32,6 @@ MAJOR_CHECKED = ("torch", "transformers", "trl", "peft", "datasets")
 
 def config_sha256(snapshot: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(snapshot, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def world_size(stage_settings: Mapping[str, Any] | None) -> int:
-    """Processes a stage trains with: the torchrun launcher's nproc_per_node x nnodes, else 1. Read
-    from the settings dict defensively: a config without the `launcher` key (or with it null) is
-    single-process."""
-    launcher = (stage_settings or {}).get("launcher")
-    if not isinstance(launcher, Mapping):
-        return 1
-    return nproc_per_node(launcher) * int(launcher.get("nnodes") or 1)
-
-
-def nproc_per_node(launcher: Mapping[str, Any]) -> int:
-    """The launcher's ranks on this node, `auto` resolved here and nowhere else (the lineage, the
-    fingerprint and the torchrun command agree): the GPUs the driver lists when CUDA is visible, else
-    the CPUs this process may run on (its affinity, which taskset and cgroups narrow)."""
-    value = launcher.get("nproc_per_node") or 1
-    if value != "auto":
-        return int(value)
-    if cuda_device_visible():
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        gpus = len(list(Path("/proc/driver/nvidia/gpus").glob("*")))
-        return max(1, len([d for d in visible.split(",") if d.strip()]) if visible else gpus)
-    return max(1, len(os.sched_getaffinity(0)))
-
-
-def gpu_name() -> str | None:
-    """The first GPU's name from the driver, without torch: /proc first, nvidia-smi as a fallback."""
-    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
-        try:
-            for line in info.read_text(encoding="utf-8", errors="replace").splitlines():
-                if line.startswith("Model:"):
-                    return line.split(":", 1)[1].strip()
-        except OSError:
-            continue
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=5, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.splitlines()[0].strip() if out else None
 
 
 def environment(config: PipelineConfig) -> dict[str, Any]:

@@ -50,8 +50,9 @@ def mark_if_abandoned(ledger: LedgerReader | Ledger, run: dict[str, Any], now: f
     if reason is None:
         return False
     from trainpipe.engine.machine import next_state  # `transitions` too is for the rare write only
+    from trainpipe.store.opening import writable
 
-    ledger = ledger.for_writing()  # `status` reads without SQLAlchemy; this rare write needs it
+    ledger = writable(ledger)  # `status` reads without SQLAlchemy; this rare write needs it
     try:
         ledger.transition_run(run["run_id"], "interrupt", lambda cur: next_state("run", cur, "interrupt"),
                               detail={"reason": reason}, expect_state="running", clear_owner=True)

@@ -22,7 +22,7 @@ from trainpipe.engine.stage_attempt import stage_inputs
 from trainpipe.errors import ConfigError, EnvironmentChanged, LedgerError, PreflightError
 from trainpipe.paths import dir_problem
 from trainpipe.stages.data import dataset_roles, validate
-from trainpipe.stages.loading import hub_token
+from trainpipe.credentials import hub_token
 from trainpipe.store.ledger import Ledger
 
 # namespace/name (or a bare name), as the Hub allows them.

@@ -12,12 +12,13 @@ from typing import Any
 
 from trainpipe import checkpoints, failures, faults
 from trainpipe.config import PipelineConfig
-from trainpipe.engine import lineage
+from trainpipe.engine import identity
 from trainpipe.engine.machine import advance
 from trainpipe.engine.observer import Observer, StageEnd
 from trainpipe.engine.resume_point import choose_resume_point
 from trainpipe.engine.stop import StopFlag
-from trainpipe.engine.supervisor import ChildOutcome, StageWorkers, run_child
+from trainpipe.engine.stage_process import StageWorkers
+from trainpipe.engine.supervisor import ChildOutcome, run_child
 from trainpipe.paths import inside
 from trainpipe.stages import OUTPUT_DIRS
 from trainpipe.stages.base import StageSpec
@@ -61,7 +62,7 @@ def run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Path
     for attempt_index in range(entry.retry_count + 1):
         resume_from, skipped, adopted = choose_resume_point(
             ledger, run_id, name, work_dir / "checkpoints",
-            lineage.world_size(getattr(config, name).model_dump(mode="json")))
+            identity.world_size(getattr(config, name).model_dump(mode="json")))
         detail: dict[str, Any] = {"resume_from": resume_from}
         if skipped:
             detail["skipped_checkpoints"] = skipped

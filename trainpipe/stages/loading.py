@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from trainpipe.credentials import hub_token
 from trainpipe.config import PipelineConfig, StageSettings
 from trainpipe.errors import ConfigError
 from trainpipe.stages.tiny_model import ensure_tiny_model, is_builtin
@@ -42,11 +43,6 @@ def compute_dtype():
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def hub_token() -> str | None:
-    """The Hub token comes from the environment only; it is never written to the ledger or configs."""
-    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
 
 
 def load_tokenizer(path: str, config: PipelineConfig):

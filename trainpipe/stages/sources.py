@@ -184,7 +184,7 @@ def _first_line(exc: BaseException) -> str:
 def _load_hub(source: DatasetSource, split: str):
     import datasets
 
-    from trainpipe.stages.loading import hub_token
+    from trainpipe.credentials import hub_token
 
     snapshot = local_snapshot(source)
     if snapshot is None and offline():

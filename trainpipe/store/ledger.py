@@ -149,9 +149,6 @@ class Ledger(LedgerReader):
             result = conn.execute(text(sql), params)
             return list(result.keys()), [tuple(row) for row in result.all()]
 
-    def for_writing(self) -> Ledger:
-        return self
-
     def _open(self) -> None:
         # Read first: a database that is not ours, or is newer than us, is refused before anything is written.
         with self._engine.connect() as conn:

@@ -16,13 +16,11 @@ import socket
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 from trainpipe.errors import LedgerError, RunNotFound, TrainpipeError
 
-if TYPE_CHECKING:
-    from trainpipe.store.ledger import Ledger
 
 HOST = socket.gethostname()
 LEDGER_HINT = "pass --db sqlite:///PATH (or set TRAINPIPE_DB) to use another ledger"
@@ -123,33 +121,8 @@ def _connect(file: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{quote(str(file))}?mode=rw", uri=True, timeout=30)
 
 
-def open_for_reading(url: str | None = None) -> LedgerReader | Ledger:
-    """A reader for `status` and `inspect`: the stdlib-sqlite3 one when `url` is a SQLite file that
-    is already at HEAD, else the full Ledger (which creates, migrates with Alembic, and validates)."""
-    url = url or default_db_url()
-    file = sqlite_file(url)
-    if file is not None and file.is_file():
-        try:
-            conn = _connect(file)
-            try:
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                applied = ({r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
-                           if "schema_migrations" in tables else None)
-                version = (conn.execute("SELECT max(version_num) FROM alembic_version").fetchone()[0]
-                           if "alembic_version" in tables else None)
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            raise LedgerError(sqlite_problem(str(file), str(exc)), hint=LEDGER_HINT) from None
-        if schema_revision(str(file), tables, version, applied) == (HEAD, False):
-            return LedgerReader(url, file)
-    from trainpipe.store.ledger import Ledger
-
-    return Ledger(url)
-
-
 class LedgerReader:
-    """Read-only queries over a ledger. Use `open_for_reading`; `Ledger` adds the writes."""
+    """Read-only queries over a ledger. Use `store.opening.open_for_reading`; `Ledger` adds the writes."""
 
     # SQLite hands JSON columns back as text; a database with a JSON type decodes them itself.
     _json_as_text = True
@@ -158,12 +131,6 @@ class LedgerReader:
         self.url = url
         self._file = file
         self.where = str(file) if file is not None else url
-
-    def for_writing(self) -> Ledger:
-        """The full ledger, for the rare write a reader's caller must make (a dead owner's run)."""
-        from trainpipe.store.ledger import Ledger
-
-        return Ledger(self.url)
 
     def close(self) -> None:
         pass

@@ -250,7 +250,7 @@ class Dashboard:
         return self.render("sweeps.html", sweeps=self.ledger.list_sweeps())
 
     def sweep(self, request: Request) -> Response:
-        from trainpipe.engine.sweep import report as sweep_report
+        from trainpipe.engine.sweep_report import report as sweep_report
 
         sweep_id = request.path_params["sweep_id"]
         try:

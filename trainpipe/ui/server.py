@@ -9,7 +9,8 @@ import socket
 from collections.abc import Callable
 
 from trainpipe.errors import LedgerError, TrainpipeError
-from trainpipe.store.reader import LEDGER_HINT, LedgerReader, default_db_url, open_for_reading, sqlite_file
+from trainpipe.store.opening import open_for_reading
+from trainpipe.store.reader import LEDGER_HINT, LedgerReader, default_db_url, sqlite_file
 
 DEFAULT_PORT = 8420
 
