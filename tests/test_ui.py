@@ -336,6 +336,12 @@ def test_sweep_page_shows_the_comparison_and_objective_chart(finished, browser):
     assert "reused from run" in sft.text and finished["run_id"] in sft.text
 
 
+def _drawn(browser, chart) -> tuple[list[str], list[list]]:
+    """The series labels and data uPlot drew in a chart box (the plot object the page made)."""
+    return browser.execute_script("const u = arguments[0].uplot;"
+                                  "return [u.series.slice(1).map((s) => s.label), u.data]", chart)
+
+
 def test_ledger_content_is_shown_as_text_never_run(finished, browser):
     from selenium.webdriver.common.by import By
 
@@ -364,6 +370,94 @@ def test_unknown_run_and_sweep_are_404_pages(finished, browser):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=20)
     assert err.value.code == 405
+
+
+# ------------------------------------------------------------------ a ledger written without training
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """An empty ledger the tests write into through the Ledger class (nothing trains), and a server."""
+    _require_browser()
+    from trainpipe.store.ledger import Ledger
+
+    root = tmp_path_factory.mktemp("ui-written")
+    db_file = root / "ledger.db"
+    db = f"sqlite:///{db_file}"
+    Ledger(db).close()
+    server = Server(db, _env(root / "home", db))
+    yield {"root": root, "db": db, "db_file": db_file, "server": server}
+    server.stop()
+
+
+def test_sweep_page_follows_a_running_sweep_without_reload(written, browser):
+    from selenium.webdriver.common.by import By
+
+    from trainpipe.store.ledger import Ledger
+
+    db_file = written["db_file"]
+    ledger = Ledger(written["db"])
+
+    def start_trial(number: int, beta: float) -> str:
+        run_id = f"live-trial-{number}"
+        ledger.create_run(run_id=run_id, pipeline_id="quickstart", config_snapshot={"dpo": {"beta": beta}},
+                          config_path=None, output_dir=str(written["root"]), run_dir=str(written["root"] / run_id),
+                          stages=["sft", "merge", "dpo"])
+        ledger.add_sweep_trials("live", [(number, {"dpo.beta": beta}, run_id)])
+        return run_id
+
+    def finish_trial(number: int, run_id: str, objective: float) -> None:
+        ledger.update_run(run_id, state="succeeded", finished_at=time.time())
+        ledger.finish_sweep_trial("live", number, objective)
+
+    def shown() -> dict[int, tuple[str, str]]:
+        """Trial number -> (state, objective) as the page's table shows them (one script reads the
+        whole table: the poll swaps it out every 1.5 s)."""
+        rows = browser.execute_script(
+            "return [...document.querySelectorAll('table.sweep tbody tr')].map((r) => [r.dataset.trial,"
+            " r.querySelector('td.trial-state').textContent.trim(), r.querySelector('td.objective').textContent])")
+        return {int(number): (state, objective) for number, state, objective in rows}
+
+    def best_rows() -> list[str]:
+        return browser.execute_script("return [...document.querySelectorAll('table.sweep tr.best')]"
+                                      ".map((r) => r.dataset.trial)")
+
+    def in_ledger() -> dict[int, tuple[str, str]]:
+        rows = _rows(db_file, "SELECT t.number, r.state, t.objective FROM sweep_trials t JOIN runs r "
+                     "ON r.run_id = t.run_id WHERE t.sweep_id = 'live'")
+        return {number: (state, "-" if objective is None else f"{objective:.4g}") for number, state, objective in rows}
+
+    try:
+        # Owned by this (live) process, so shown running; one trial done before the page opens.
+        ledger.create_sweep(sweep_id="live", sweep_file="s.yaml", spec={"output_dir": str(written["root"]), "sweep": {
+            "name": "live", "base": str(QUICKSTART), "space": {"dpo.beta": [0.1, 0.2, 0.3]}, "strategy": "grid",
+            "objective": {"metric": "dpo.rewards/accuracies", "direction": "maximize"}}})
+        finish_trial(0, start_trial(0, 0.1), 0.5)
+        _open(browser, f"{written['server'].url}/sweeps/live")
+        browser.execute_script("window.__same_page = 7")  # a reload would lose it
+        assert shown() == in_ledger() and set(shown()) == {0}
+        # A trial that starts after the page loaded appears, with its run's state.
+        second = start_trial(1, 0.3)
+        wait_for(lambda: shown() == in_ledger() and 1 in shown(), timeout=20, what="trial 1 on the page")
+        assert shown()[1][0] == "pending"
+        # It finishes better than trial 0 (maximize): its objective, the best row and the chart follow.
+        finish_trial(1, second, 0.875)
+        wait_for(lambda: shown() == in_ledger() and shown()[1] == ("succeeded", "0.875"), timeout=20,
+                 what="trial 1's objective on the page")
+        best = max(_rows(db_file, "SELECT objective, number, run_id FROM sweep_trials WHERE sweep_id = 'live'"))
+        wait_for(lambda: best_rows() == [str(best[1])], timeout=20, what="the best row to move")
+        assert best[2] in browser.execute_script("return document.getElementById('sweep-best').textContent")
+        # The chart is drawn anew only when its points change, so it holds still now.
+        chart = browser.find_element(By.CSS_SELECTOR, "#objective-chart .chart")
+        _, data = _drawn(browser, chart)
+        assert sorted(zip(data[0], data[1])) == sorted(_rows(db_file, "SELECT number, objective FROM sweep_trials "
+                                                             "WHERE sweep_id = 'live'"))
+        # The sweep ends: the page says so and stops polling.
+        ledger.set_sweep_state("live", "finished", finished_at=time.time())
+        wait_for(lambda: browser.execute_script("return document.getElementById('sweep-state').textContent")
+                 == "finished", timeout=20, what="the sweep's end on the page")
+        assert browser.execute_script("return window.__same_page") == 7, "the page reloaded"
+    finally:
+        ledger.close()
 
 
 # ------------------------------------------------------------------ binding and tokens
