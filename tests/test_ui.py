@@ -336,10 +336,50 @@ def test_sweep_page_shows_the_comparison_and_objective_chart(finished, browser):
     assert "reused from run" in sft.text and finished["run_id"] in sft.text
 
 
+def _trained_in(db_file: Path, run_id: str, stage: str) -> str:
+    """The run that trained `run_id`'s `stage`: follow the ledger's cached_from_run links."""
+    while True:
+        state, source = _rows(db_file, "SELECT state, cached_from_run FROM stages WHERE run_id = ? AND name = ?",
+                              run_id, stage)[0]
+        if state != "cached":
+            return run_id
+        run_id = source
+
+
 def _drawn(browser, chart) -> tuple[list[str], list[list]]:
     """The series labels and data uPlot drew in a chart box (the plot object the page made)."""
     return browser.execute_script("const u = arguments[0].uplot;"
                                   "return [u.series.slice(1).map((s) => s.label), u.data]", chart)
+
+
+def test_compare_draws_a_cached_stage_with_the_curves_of_the_run_that_trained_it(finished, browser):
+    from selenium.webdriver.common.by import By
+
+    db_file, run_id = finished["db_file"], finished["run_id"]
+    trial = _rows(db_file, "SELECT run_id FROM sweep_trials WHERE sweep_id = ? ORDER BY number DESC",
+                  finished["sweep_id"])[0][0]
+    # The trial is a second run that took its SFT from the stage cache: it logged no SFT metric itself.
+    assert _rows(db_file, "SELECT state FROM stages WHERE run_id = ? AND name = 'sft'", trial)[0][0] == "cached"
+    assert _rows(db_file, "SELECT COUNT(*) FROM metrics WHERE run_id = ? AND stage = 'sft'", trial)[0][0] == 0
+    origin = _trained_in(db_file, trial, "sft")
+    assert origin == run_id
+    loss = {}
+    for step, value in _rows(db_file, "SELECT step, value FROM metrics WHERE run_id = ? AND stage = 'sft' "
+                             "AND name = 'loss' ORDER BY id", origin):
+        loss[step] = value  # a resumed stage logged a step twice: the later value stands
+    _open(browser, f"{finished['server'].url}/compare?run={run_id}&run={trial}")
+    chart = browser.find_element(By.CSS_SELECTOR, "#overlay-area .chart[data-title='sft loss']")
+    labels, data = _drawn(browser, chart)
+    assert labels == [run_id, f"{trial} (from the cache: run {origin})"]
+    assert f"{trial} (from the cache: run {origin})" in chart.text  # the legend, as shown
+    for series in data[1:]:  # both runs' SFT curves: the origin's steps and values, as the ledger has them
+        assert {step: value for step, value in zip(data[0], series) if value is not None} == loss
+    # The trial's own run page draws it too, titled with where it came from.
+    _open(browser, f"{finished['server'].url}/runs/{trial}")
+    titled = f"sft · loss (from the cache: run {origin})"
+    chart = browser.find_element(By.CSS_SELECTOR, f"#chart-area .chart[data-title='{titled}']")
+    _, data = _drawn(browser, chart)
+    assert dict(zip(data[0], data[1])) == loss
 
 
 def test_ledger_content_is_shown_as_text_never_run(finished, browser):

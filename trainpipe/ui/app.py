@@ -33,6 +33,7 @@ from trainpipe.engine.machine import RunState, mermaid
 from trainpipe.errors import RunNotFound, TrainpipeError
 from trainpipe.store.reader import LedgerReader
 from trainpipe.ui import compare, fsm, sweeps
+from trainpipe.ui.curves import stage_charts
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 100
@@ -178,7 +179,7 @@ class Dashboard:
         if report is None:
             return self.not_found(f"run '{request.path_params['run_id']}'")
         return self.render("run.html", **self._live_context(report),
-                           charts=[{"stage": s["name"], "curves": s["curves"]} for s in report["stages"] if s["curves"]],
+                           charts=stage_charts(self.ledger, report),
                            mermaid={"run": mermaid("run"), "stage": mermaid("stage")})
 
     def run_fragment(self, request: Request) -> Response:
@@ -192,9 +193,7 @@ class Dashboard:
         report = self.report(request.path_params["run_id"])
         if report is None:
             return JSONResponse({"error": "no such run"}, status_code=404)
-        return JSONResponse({"state": report["state"],
-                             "charts": [{"stage": s["name"], "curves": s["curves"]} for s in report["stages"]
-                                        if s["curves"]]})
+        return JSONResponse({"state": report["state"], "charts": stage_charts(self.ledger, report)})
 
     def verify(self, request: Request) -> Response:
         from trainpipe.engine.verify import verify_run

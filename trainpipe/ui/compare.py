@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from trainpipe.ui.curves import stage_charts
 
 if TYPE_CHECKING:
     from trainpipe.ui.app import Dashboard
@@ -40,11 +41,16 @@ def compare(board: Dashboard, request: Request) -> Response:
         for stage in run["stages"]:
             for check in (stage["gate"] or {}).get("checks", []):
                 gate_rows.setdefault((stage["name"], check["name"]), [None] * len(runs))[index] = check
+    # One chart per stage and metric, one series per run; a stage a run took from the stage cache is
+    # drawn from the run that trained it, its label naming that run.
     overlay: dict[str, dict[str, Any]] = {}
     for run in runs:
-        for stage in run["stages"]:
-            for name, points in stage["curves"].items():
-                overlay.setdefault(f"{stage['name']} {name}", {})[run["run_id"]] = points
+        for chart in stage_charts(board.ledger, run):
+            label = run["run_id"]
+            if chart["origin"] is not None:
+                label += f" (from the cache: run {chart['origin']})"
+            for name, points in chart["curves"].items():
+                overlay.setdefault(f"{chart['stage']} {name}", {})[label] = points
     return board.render("compare.html", runs=runs, config_rows=config_rows,
                         differing=sum(r["differs"] for r in config_rows),
                         gate_rows=[{"stage": k[0], "check": k[1], "cells": v} for k, v in gate_rows.items()],

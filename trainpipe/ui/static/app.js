@@ -46,7 +46,9 @@ function drawRunCharts(payload) {
   area.textContent = "";
   for (const chart of payload) {
     for (const [name, points] of Object.entries(chart.curves)) {
-      const entry = lineChart(area, chart.stage + " · " + name, { [name]: points });
+      // A stage taken from the stage cache: the curves of the run that trained it, and the title says so.
+      const from = chart.origin ? " (from the cache: run " + chart.origin + ")" : "";
+      const entry = lineChart(area, chart.stage + " · " + name + from, { [name]: points });
       entry.key = chart.stage + "/" + name + "/" + points.length;
       charts.push(entry);
     }
