@@ -500,6 +500,78 @@ def test_sweep_page_follows_a_running_sweep_without_reload(written, browser):
         ledger.close()
 
 
+def test_held_out_output_flagged_by_the_safety_check_is_marked_first(written, browser):
+    """Gate 3's two generation checks, run for real on the quickstart config with a stand-in model
+    whose held-out answers are valid JSON, one carrying `rm -rf`; recorded and saved as the stage
+    worker does. The ledger's no_harmful_content row flags that held-out output."""
+    import json
+
+    from trainpipe.config import load_config
+    from trainpipe.stages.data import eval_rows
+    from trainpipe.stages.worker import _save_generations
+    from trainpipe.store.ledger import Ledger
+    from trainpipe.validators import generation
+    from trainpipe.validators.gate import GateContext
+
+    config = load_config(QUICKSTART)
+    answers = [generation._split(row)[1] for row in eval_rows(config)]
+    harmful = json.dumps({**json.loads(answers[3]), "note": "then run rm -rf / to tidy up"})
+
+    class Model:
+        calls = 0
+
+        def system_prompt(self) -> None:
+            return None
+
+        def generate(self, conversations):
+            Model.calls += 1
+            if Model.calls == 1:  # the held-out prompts
+                return answers[:3] + [harmful] + answers[4:]
+            return ['{"action": "refuse"}'] * len(conversations)  # the red-team prompts
+
+    ctx = GateContext(stage="dpo", output_path=None, metrics={}, log_history=[], config=config, resources=Model())
+    checks = []
+    for check in (generation.output_format_valid, generation.no_harmful_content):
+        outcome = check(ctx)
+        ctx.generations += outcome.outputs  # as the gate runner does
+        checks.append({"name": check.__name__, "passed": outcome.passed, "severity": "error", "mode": "sequential",
+                       "value": outcome.value, "threshold": outcome.threshold, "duration_s": 0.1,
+                       "details": outcome.details})
+    ledger = Ledger(written["db"])
+    run_dir = written["root"] / "harm-run"
+    try:
+        ledger.create_run(run_id="harm-run", pipeline_id="quickstart", config_snapshot=config.model_dump(mode="json"),
+                          config_path=None, output_dir=str(written["root"]), run_dir=str(run_dir), stages=["dpo"])
+        attempt_id, attempt = ledger.open_attempt("harm-run", "dpo")
+        ledger.record_gate("harm-run", "dpo", attempt_id, "gate3_dpo", False, checks)
+        ledger.close_attempt(attempt_id, "failed", error="gate 3 rejected")
+    finally:
+        ledger.close()
+    (run_dir / ".work" / "dpo").mkdir(parents=True)
+    _save_generations(run_dir / ".work" / "dpo" / f"generations-{attempt}.jsonl", ctx.generations)
+
+    # What the ledger says: every held-out output well-formed, one output flagged, a held-out one.
+    values = dict(_rows(written["db_file"], "SELECT c.name, c.value FROM gate_checks c JOIN gate_results g "
+                        "ON c.gate_result_id = g.id WHERE g.run_id = 'harm-run'"))
+    details = _rows(written["db_file"], "SELECT details FROM gate_checks WHERE name = 'no_harmful_content' "
+                    "ORDER BY id DESC")[0][0]
+    flagged = re.search(r"\(matches (.+?), from output_format_valid\)", details)
+    assert float(values["output_format_valid"]) == 1.0 and int(float(values["no_harmful_content"])) == 1 and flagged
+
+    _open(browser, f"{written['server'].url}/runs/harm-run")
+    rows = browser.execute_script(
+        "return [...document.querySelectorAll('details.generations[data-stage=dpo] tbody tr')].map((r) =>"
+        " [r.classList.contains('bad'), ...[...r.cells].map((c) => c.textContent)])")
+    assert len(rows) == len(answers) + len(generation.redteam_prompts(ctx))
+    marked = [r for r in rows if r[0]]
+    assert len(marked) == int(float(values["no_harmful_content"])) + round((1 - float(values["output_format_valid"]))
+                                                                            * len(answers))
+    assert rows[:len(marked)] == marked  # problem outputs first
+    _, check, _prompt, output, problem = marked[0]
+    assert (check, output) == ("output_format_valid", harmful)
+    assert f"matches {flagged.group(1)}" in problem
+
+
 # ------------------------------------------------------------------ binding and tokens
 
 def test_non_loopback_bind_needs_a_token(world, tmp_path):

@@ -34,6 +34,7 @@ from trainpipe.errors import RunNotFound, TrainpipeError
 from trainpipe.store.reader import LedgerReader
 from trainpipe.ui import compare, fsm, sweeps
 from trainpipe.ui.curves import stage_charts
+from trainpipe.ui.outputs import mark_harmful
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 100
@@ -165,9 +166,11 @@ class Dashboard:
                                              running["attempt_history"][-1]["attempt"])
             if progress is not None:
                 progress["stage"] = running["name"]
-        generations = {s["name"]: reports.gate_generations(report["run_dir"], s["name"],
-                                                           [a["attempt"] for a in s["attempt_history"]])
-                       for s in report["stages"] if s["gate"] and report["run_dir"]}
+        generations = {}
+        for s in report["stages"]:
+            if s["gate"] and report["run_dir"]:
+                saved = reports.gate_generations(report["run_dir"], s["name"], [a["attempt"] for a in s["attempt_history"]])
+                generations[s["name"]] = mark_harmful(saved, s["gate"], report["config"])
         walked_run = [(t["from_state"], t["to_state"]) for t in report["transitions"] if t["stage"] is None]
         walked_stage = [(t["from_state"], t["to_state"]) for t in report["transitions"] if t["stage"] is not None]
         return {"r": report, "bars": bars, "progress": progress, "generations": generations, "live": report["state"] in LIVE_STATES,
