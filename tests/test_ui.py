@@ -57,7 +57,7 @@ class Server:
     def __init__(self, db: str, env: dict[str, str], *extra: str):
         self.proc = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "ui", "--db", db, "--port", "0",
                                       *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        line = self.proc.stdout.readline()
+        line = self.line = self.proc.stdout.readline()
         match = re.search(r"at (http://\S+?:(\d+))/", line)
         if not match:
             self.proc.kill()
@@ -599,6 +599,30 @@ def test_token_is_required_on_every_request(world, browser):
         wait_for(lambda: browser.find_elements(By.ID, "run-state"), timeout=30, what="the run page behind the token")
     finally:
         server.stop()
+
+
+def test_startup_line_gives_the_url_but_never_the_token(tmp_path):
+    _require_web_extra()
+    from trainpipe.store.ledger import Ledger
+
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    Ledger(db).close()
+    env = _env(tmp_path / "home", db)
+    secret = "s3cret-token-9f2"
+    for how in (["--token", secret], ["--host", "127.0.0.1"]):
+        if how[0] != "--token":
+            env["TRAINPIPE_UI_TOKEN"] = secret  # the same, from the environment
+        server = Server(db, env, *how)
+        try:
+            assert _status(server.url + "/") == 401  # the token is in force
+            assert _status(f"{server.url}/?token={secret}") == 200
+        finally:
+            server.stop()
+        output = server.line + server.proc.stdout.read()
+        assert secret not in output, output
+        # The URL, bare, and that every request needs the token.
+        assert re.search(rf"at http://127\.0\.0\.1:{server.port}/ ", server.line), server.line
+        assert "needs the token" in server.line and "?token=YOUR_TOKEN" in server.line
 
 
 # ------------------------------------------------------------------ start-up errors (no browser)
