@@ -57,7 +57,7 @@ class Server:
     def __init__(self, db: str, env: dict[str, str], *extra: str):
         self.proc = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "ui", "--db", db, "--port", "0",
                                       *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        line = self.proc.stdout.readline()
+        line = self.line = self.proc.stdout.readline()
         match = re.search(r"at (http://\S+?:(\d+))/", line)
         if not match:
             self.proc.kill()
@@ -336,6 +336,52 @@ def test_sweep_page_shows_the_comparison_and_objective_chart(finished, browser):
     assert "reused from run" in sft.text and finished["run_id"] in sft.text
 
 
+def _trained_in(db_file: Path, run_id: str, stage: str) -> str:
+    """The run that trained `run_id`'s `stage`: follow the ledger's cached_from_run links."""
+    while True:
+        state, source = _rows(db_file, "SELECT state, cached_from_run FROM stages WHERE run_id = ? AND name = ?",
+                              run_id, stage)[0]
+        if state != "cached":
+            return run_id
+        run_id = source
+
+
+def _drawn(browser, chart) -> tuple[list[str], list[list]]:
+    """The series labels and data uPlot drew in a chart box (the plot object the page made)."""
+    return browser.execute_script("const u = arguments[0].uplot;"
+                                  "return [u.series.slice(1).map((s) => s.label), u.data]", chart)
+
+
+def test_compare_draws_a_cached_stage_with_the_curves_of_the_run_that_trained_it(finished, browser):
+    from selenium.webdriver.common.by import By
+
+    db_file, run_id = finished["db_file"], finished["run_id"]
+    trial = _rows(db_file, "SELECT run_id FROM sweep_trials WHERE sweep_id = ? ORDER BY number DESC",
+                  finished["sweep_id"])[0][0]
+    # The trial is a second run that took its SFT from the stage cache: it logged no SFT metric itself.
+    assert _rows(db_file, "SELECT state FROM stages WHERE run_id = ? AND name = 'sft'", trial)[0][0] == "cached"
+    assert _rows(db_file, "SELECT COUNT(*) FROM metrics WHERE run_id = ? AND stage = 'sft'", trial)[0][0] == 0
+    origin = _trained_in(db_file, trial, "sft")
+    assert origin == run_id
+    loss = {}
+    for step, value in _rows(db_file, "SELECT step, value FROM metrics WHERE run_id = ? AND stage = 'sft' "
+                             "AND name = 'loss' ORDER BY id", origin):
+        loss[step] = value  # a resumed stage logged a step twice: the later value stands
+    _open(browser, f"{finished['server'].url}/compare?run={run_id}&run={trial}")
+    chart = browser.find_element(By.CSS_SELECTOR, "#overlay-area .chart[data-title='sft loss']")
+    labels, data = _drawn(browser, chart)
+    assert labels == [run_id, f"{trial} (from the cache: run {origin})"]
+    assert f"{trial} (from the cache: run {origin})" in chart.text  # the legend, as shown
+    for series in data[1:]:  # both runs' SFT curves: the origin's steps and values, as the ledger has them
+        assert {step: value for step, value in zip(data[0], series) if value is not None} == loss
+    # The trial's own run page draws it too, titled with where it came from.
+    _open(browser, f"{finished['server'].url}/runs/{trial}")
+    titled = f"sft · loss (from the cache: run {origin})"
+    chart = browser.find_element(By.CSS_SELECTOR, f"#chart-area .chart[data-title='{titled}']")
+    _, data = _drawn(browser, chart)
+    assert dict(zip(data[0], data[1])) == loss
+
+
 def test_ledger_content_is_shown_as_text_never_run(finished, browser):
     from selenium.webdriver.common.by import By
 
@@ -366,6 +412,166 @@ def test_unknown_run_and_sweep_are_404_pages(finished, browser):
     assert err.value.code == 405
 
 
+# ------------------------------------------------------------------ a ledger written without training
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """An empty ledger the tests write into through the Ledger class (nothing trains), and a server."""
+    _require_browser()
+    from trainpipe.store.ledger import Ledger
+
+    root = tmp_path_factory.mktemp("ui-written")
+    db_file = root / "ledger.db"
+    db = f"sqlite:///{db_file}"
+    Ledger(db).close()
+    server = Server(db, _env(root / "home", db))
+    yield {"root": root, "db": db, "db_file": db_file, "server": server}
+    server.stop()
+
+
+def test_sweep_page_follows_a_running_sweep_without_reload(written, browser):
+    from selenium.webdriver.common.by import By
+
+    from trainpipe.store.ledger import Ledger
+
+    db_file = written["db_file"]
+    ledger = Ledger(written["db"])
+
+    def start_trial(number: int, beta: float) -> str:
+        run_id = f"live-trial-{number}"
+        ledger.create_run(run_id=run_id, pipeline_id="quickstart", config_snapshot={"dpo": {"beta": beta}},
+                          config_path=None, output_dir=str(written["root"]), run_dir=str(written["root"] / run_id),
+                          stages=["sft", "merge", "dpo"])
+        ledger.add_sweep_trials("live", [(number, {"dpo.beta": beta}, run_id)])
+        return run_id
+
+    def finish_trial(number: int, run_id: str, objective: float) -> None:
+        ledger.update_run(run_id, state="succeeded", finished_at=time.time())
+        ledger.finish_sweep_trial("live", number, objective)
+
+    def shown() -> dict[int, tuple[str, str]]:
+        """Trial number -> (state, objective) as the page's table shows them (one script reads the
+        whole table: the poll swaps it out every 1.5 s)."""
+        rows = browser.execute_script(
+            "return [...document.querySelectorAll('table.sweep tbody tr')].map((r) => [r.dataset.trial,"
+            " r.querySelector('td.trial-state').textContent.trim(), r.querySelector('td.objective').textContent])")
+        return {int(number): (state, objective) for number, state, objective in rows}
+
+    def best_rows() -> list[str]:
+        return browser.execute_script("return [...document.querySelectorAll('table.sweep tr.best')]"
+                                      ".map((r) => r.dataset.trial)")
+
+    def in_ledger() -> dict[int, tuple[str, str]]:
+        rows = _rows(db_file, "SELECT t.number, r.state, t.objective FROM sweep_trials t JOIN runs r "
+                     "ON r.run_id = t.run_id WHERE t.sweep_id = 'live'")
+        return {number: (state, "-" if objective is None else f"{objective:.4g}") for number, state, objective in rows}
+
+    try:
+        # Owned by this (live) process, so shown running; one trial done before the page opens.
+        ledger.create_sweep(sweep_id="live", sweep_file="s.yaml", spec={"output_dir": str(written["root"]), "sweep": {
+            "name": "live", "base": str(QUICKSTART), "space": {"dpo.beta": [0.1, 0.2, 0.3]}, "strategy": "grid",
+            "objective": {"metric": "dpo.rewards/accuracies", "direction": "maximize"}}})
+        finish_trial(0, start_trial(0, 0.1), 0.5)
+        _open(browser, f"{written['server'].url}/sweeps/live")
+        browser.execute_script("window.__same_page = 7")  # a reload would lose it
+        assert shown() == in_ledger() and set(shown()) == {0}
+        # A trial that starts after the page loaded appears, with its run's state.
+        second = start_trial(1, 0.3)
+        wait_for(lambda: shown() == in_ledger() and 1 in shown(), timeout=20, what="trial 1 on the page")
+        assert shown()[1][0] == "pending"
+        # It finishes better than trial 0 (maximize): its objective, the best row and the chart follow.
+        finish_trial(1, second, 0.875)
+        wait_for(lambda: shown() == in_ledger() and shown()[1] == ("succeeded", "0.875"), timeout=20,
+                 what="trial 1's objective on the page")
+        best = max(_rows(db_file, "SELECT objective, number, run_id FROM sweep_trials WHERE sweep_id = 'live'"))
+        wait_for(lambda: best_rows() == [str(best[1])], timeout=20, what="the best row to move")
+        assert best[2] in browser.execute_script("return document.getElementById('sweep-best').textContent")
+        # The chart is drawn anew only when its points change, so it holds still now.
+        chart = browser.find_element(By.CSS_SELECTOR, "#objective-chart .chart")
+        _, data = _drawn(browser, chart)
+        assert sorted(zip(data[0], data[1])) == sorted(_rows(db_file, "SELECT number, objective FROM sweep_trials "
+                                                             "WHERE sweep_id = 'live'"))
+        # The sweep ends: the page says so and stops polling.
+        ledger.set_sweep_state("live", "finished", finished_at=time.time())
+        wait_for(lambda: browser.execute_script("return document.getElementById('sweep-state').textContent")
+                 == "finished", timeout=20, what="the sweep's end on the page")
+        assert browser.execute_script("return window.__same_page") == 7, "the page reloaded"
+    finally:
+        ledger.close()
+
+
+def test_held_out_output_flagged_by_the_safety_check_is_marked_first(written, browser):
+    """Gate 3's two generation checks, run for real on the quickstart config with a stand-in model
+    whose held-out answers are valid JSON, one carrying `rm -rf`; recorded and saved as the stage
+    worker does. The ledger's no_harmful_content row flags that held-out output."""
+    import json
+
+    from trainpipe.config import load_config
+    from trainpipe.stages.data import eval_rows
+    from trainpipe.attempt.worker import _save_generations
+    from trainpipe.store.ledger import Ledger
+    from trainpipe.validators import generation
+    from trainpipe.validators.gate import GateContext
+
+    config = load_config(QUICKSTART)
+    answers = [generation._split(row)[1] for row in eval_rows(config)]
+    harmful = json.dumps({**json.loads(answers[3]), "note": "then run rm -rf / to tidy up"})
+
+    class Model:
+        calls = 0
+
+        def system_prompt(self) -> None:
+            return None
+
+        def generate(self, conversations):
+            Model.calls += 1
+            if Model.calls == 1:  # the held-out prompts
+                return answers[:3] + [harmful] + answers[4:]
+            return ['{"action": "refuse"}'] * len(conversations)  # the red-team prompts
+
+    ctx = GateContext(stage="dpo", output_path=None, metrics={}, log_history=[], config=config, resources=Model())
+    checks = []
+    for check in (generation.output_format_valid, generation.no_harmful_content):
+        outcome = check(ctx)
+        ctx.generations += outcome.outputs  # as the gate runner does
+        checks.append({"name": check.__name__, "passed": outcome.passed, "severity": "error", "mode": "sequential",
+                       "value": outcome.value, "threshold": outcome.threshold, "duration_s": 0.1,
+                       "details": outcome.details})
+    ledger = Ledger(written["db"])
+    run_dir = written["root"] / "harm-run"
+    try:
+        ledger.create_run(run_id="harm-run", pipeline_id="quickstart", config_snapshot=config.model_dump(mode="json"),
+                          config_path=None, output_dir=str(written["root"]), run_dir=str(run_dir), stages=["dpo"])
+        attempt_id, attempt = ledger.open_attempt("harm-run", "dpo")
+        ledger.record_gate("harm-run", "dpo", attempt_id, "gate3_dpo", False, checks)
+        ledger.close_attempt(attempt_id, "failed", error="gate 3 rejected")
+    finally:
+        ledger.close()
+    (run_dir / ".work" / "dpo").mkdir(parents=True)
+    _save_generations(run_dir / ".work" / "dpo" / f"generations-{attempt}.jsonl", ctx.generations)
+
+    # What the ledger says: every held-out output well-formed, one output flagged, a held-out one.
+    values = dict(_rows(written["db_file"], "SELECT c.name, c.value FROM gate_checks c JOIN gate_results g "
+                        "ON c.gate_result_id = g.id WHERE g.run_id = 'harm-run'"))
+    details = _rows(written["db_file"], "SELECT details FROM gate_checks WHERE name = 'no_harmful_content' "
+                    "ORDER BY id DESC")[0][0]
+    flagged = re.search(r"\(matches (.+?), from output_format_valid\)", details)
+    assert float(values["output_format_valid"]) == 1.0 and int(float(values["no_harmful_content"])) == 1 and flagged
+
+    _open(browser, f"{written['server'].url}/runs/harm-run")
+    rows = browser.execute_script(
+        "return [...document.querySelectorAll('details.generations[data-stage=dpo] tbody tr')].map((r) =>"
+        " [r.classList.contains('bad'), ...[...r.cells].map((c) => c.textContent)])")
+    assert len(rows) == len(answers) + len(generation.redteam_prompts(ctx))
+    marked = [r for r in rows if r[0]]
+    assert len(marked) == int(float(values["no_harmful_content"])) + round((1 - float(values["output_format_valid"]))
+                                                                            * len(answers))
+    assert rows[:len(marked)] == marked  # problem outputs first
+    _, check, _prompt, output, problem = marked[0]
+    assert (check, output) == ("output_format_valid", harmful)
+    assert f"matches {flagged.group(1)}" in problem
+
+
 # ------------------------------------------------------------------ binding and tokens
 
 def test_non_loopback_bind_needs_a_token(world, tmp_path):
@@ -393,6 +599,30 @@ def test_token_is_required_on_every_request(world, browser):
         wait_for(lambda: browser.find_elements(By.ID, "run-state"), timeout=30, what="the run page behind the token")
     finally:
         server.stop()
+
+
+def test_startup_line_gives_the_url_but_never_the_token(tmp_path):
+    _require_web_extra()
+    from trainpipe.store.ledger import Ledger
+
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    Ledger(db).close()
+    env = _env(tmp_path / "home", db)
+    secret = "s3cret-token-9f2"
+    for how in (["--token", secret], ["--host", "127.0.0.1"]):
+        if how[0] != "--token":
+            env["TRAINPIPE_UI_TOKEN"] = secret  # the same, from the environment
+        server = Server(db, env, *how)
+        try:
+            assert _status(server.url + "/") == 401  # the token is in force
+            assert _status(f"{server.url}/?token={secret}") == 200
+        finally:
+            server.stop()
+        output = server.line + server.proc.stdout.read()
+        assert secret not in output, output
+        # The URL, bare, and that every request needs the token.
+        assert re.search(rf"at http://127\.0\.0\.1:{server.port}/ ", server.line), server.line
+        assert "needs the token" in server.line and "?token=YOUR_TOKEN" in server.line
 
 
 # ------------------------------------------------------------------ start-up errors (no browser)

@@ -70,7 +70,7 @@ def run_report(ledger: LedgerReader, run_id: str, *, mark_abandoned: bool = True
     attempts = ledger.attempts(run_id)
     checkpoints = ledger.checkpoints(run_id)
     gates = ledger.gates(run_id)
-    curves = _curves(ledger.metrics(run_id))
+    curves = metric_curves(ledger.metrics(run_id))
     stages = []
     for stage in ledger.stages(run_id):
         name = stage["name"]
@@ -145,7 +145,7 @@ def lineage_view(run: dict[str, Any], artifacts: list[dict[str, Any]]) -> dict[s
 CURVES = ("loss", "rewards/margins", "rewards/accuracies")
 
 
-def _curves(metrics: list[dict[str, Any]]) -> dict[str, dict[str, list[list[float]]]]:
+def metric_curves(metrics: list[dict[str, Any]]) -> dict[str, dict[str, list[list[float]]]]:
     """stage -> metric -> [[step, value], ...]. A resumed stage logged some steps twice (once per
     attempt): the later attempt's value wins, as it is the one the final weights descend from."""
     by_step: dict[str, dict[str, dict[int, float]]] = {}

@@ -17,6 +17,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from functools import partial
 from urllib.parse import urlencode
 
 import jinja2
@@ -31,7 +32,9 @@ from trainpipe.engine import report as reports
 from trainpipe.engine.machine import RunState, mermaid
 from trainpipe.errors import RunNotFound, TrainpipeError
 from trainpipe.store.reader import LedgerReader
-from trainpipe.ui import fsm
+from trainpipe.ui import compare, fsm, sweeps
+from trainpipe.ui.curves import stage_charts
+from trainpipe.ui.outputs import mark_harmful
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 100
@@ -66,16 +69,6 @@ def _yaml(value: Any) -> str:
     import yaml
 
     return yaml.dump(value, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
-
-
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """{"sft": {"lora_r": 8}} -> {"sft.lora_r": 8}; lists stay whole (a list is one setting)."""
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(flatten(item, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): value}
 
 
 def _environment() -> jinja2.Environment:
@@ -146,7 +139,7 @@ class Dashboard:
 
     # ------------------------------------------------------------ one run
 
-    def _report(self, run_id: str) -> dict[str, Any] | None:
+    def report(self, run_id: str) -> dict[str, Any] | None:
         try:
             return reports.run_report(self.ledger, run_id, mark_abandoned=False)
         except (RunNotFound, TrainpipeError):
@@ -173,9 +166,11 @@ class Dashboard:
                                              running["attempt_history"][-1]["attempt"])
             if progress is not None:
                 progress["stage"] = running["name"]
-        generations = {s["name"]: reports.gate_generations(report["run_dir"], s["name"],
-                                                           [a["attempt"] for a in s["attempt_history"]])
-                       for s in report["stages"] if s["gate"] and report["run_dir"]}
+        generations = {}
+        for s in report["stages"]:
+            if s["gate"] and report["run_dir"]:
+                saved = reports.gate_generations(report["run_dir"], s["name"], [a["attempt"] for a in s["attempt_history"]])
+                generations[s["name"]] = mark_harmful(saved, s["gate"], report["config"])
         walked_run = [(t["from_state"], t["to_state"]) for t in report["transitions"] if t["stage"] is None]
         walked_stage = [(t["from_state"], t["to_state"]) for t in report["transitions"] if t["stage"] is not None]
         return {"r": report, "bars": bars, "progress": progress, "generations": generations, "live": report["state"] in LIVE_STATES,
@@ -183,27 +178,25 @@ class Dashboard:
                 "stage_svg": fsm.svg("stage", walked_stage)}
 
     def run(self, request: Request) -> Response:
-        report = self._report(request.path_params["run_id"])
+        report = self.report(request.path_params["run_id"])
         if report is None:
             return self.not_found(f"run '{request.path_params['run_id']}'")
         return self.render("run.html", **self._live_context(report),
-                           charts=[{"stage": s["name"], "curves": s["curves"]} for s in report["stages"] if s["curves"]],
+                           charts=stage_charts(self.ledger, report),
                            mermaid={"run": mermaid("run"), "stage": mermaid("stage")})
 
     def run_fragment(self, request: Request) -> Response:
-        report = self._report(request.path_params["run_id"])
+        report = self.report(request.path_params["run_id"])
         if report is None:
             return self.not_found(f"run '{request.path_params['run_id']}'")
         part = "_run_bottom.html" if request.query_params.get("part") == "bottom" else "_run_top.html"
         return self.render(part, **self._live_context(report))
 
     def run_curves(self, request: Request) -> Response:
-        report = self._report(request.path_params["run_id"])
+        report = self.report(request.path_params["run_id"])
         if report is None:
             return JSONResponse({"error": "no such run"}, status_code=404)
-        return JSONResponse({"state": report["state"],
-                             "charts": [{"stage": s["name"], "curves": s["curves"]} for s in report["stages"]
-                                        if s["curves"]]})
+        return JSONResponse({"state": report["state"], "charts": stage_charts(self.ledger, report)})
 
     def verify(self, request: Request) -> Response:
         from trainpipe.engine.verify import verify_run
@@ -213,57 +206,6 @@ class Dashboard:
         except (RunNotFound, TrainpipeError):
             return self.not_found(f"run '{request.path_params['run_id']}'")
         return self.render("_verify.html", v=result)
-
-    # ------------------------------------------------------------ compare
-
-    def compare(self, request: Request) -> Response:
-        ids = list(dict.fromkeys(i for i in request.query_params.getlist("run") if i))
-        if len(ids) < 2:
-            return self.render("compare_pick.html", status_code=400 if ids else 200, given=ids)
-        found = [self._report(i) for i in ids]
-        missing = [i for i, r in zip(ids, found) if r is None]
-        if missing:
-            return self.not_found(f"run '{missing[0]}'")
-        runs = [r for r in found if r is not None]
-        flat = [flatten(r["config"]) for r in runs]
-        keys = sorted(set().union(*flat))
-        config_rows = [{"key": k, "cells": [f.get(k) for f in flat],
-                        "differs": len({repr(f.get(k)) for f in flat}) > 1} for k in keys]
-        gate_rows: dict[tuple[str, str], list[dict[str, Any] | None]] = {}
-        for index, run in enumerate(runs):
-            for stage in run["stages"]:
-                for check in (stage["gate"] or {}).get("checks", []):
-                    gate_rows.setdefault((stage["name"], check["name"]), [None] * len(runs))[index] = check
-        overlay: dict[str, dict[str, Any]] = {}
-        for run in runs:
-            for stage in run["stages"]:
-                for name, points in stage["curves"].items():
-                    overlay.setdefault(f"{stage['name']} {name}", {})[run["run_id"]] = points
-        return self.render("compare.html", runs=runs, config_rows=config_rows,
-                           differing=sum(r["differs"] for r in config_rows),
-                           gate_rows=[{"stage": k[0], "check": k[1], "cells": v} for k, v in gate_rows.items()],
-                           overlay=[{"title": t, "series": s} for t, s in overlay.items()])
-
-    # ------------------------------------------------------------ sweeps
-
-    def sweeps(self, request: Request) -> Response:
-        return self.render("sweeps.html", sweeps=self.ledger.list_sweeps())
-
-    def sweep(self, request: Request) -> Response:
-        from trainpipe.engine.sweep_report import report as sweep_report
-
-        sweep_id = request.path_params["sweep_id"]
-        try:
-            summary = sweep_report(self.ledger, sweep_id, mark_abandoned=False)
-        except RunNotFound:
-            return self.not_found(f"sweep '{sweep_id}'")
-        best_config = None
-        if summary["best"]:
-            best_run = self.ledger.find_run(summary["best"]["run_id"])
-            best_config = best_run["config_snapshot"] if best_run else None
-        points = [[t["number"], t["objective"], t["eligible"]] for t in summary["trials"] if t["objective"] is not None]
-        return self.render("sweep.html", s=summary, best_config=best_config, points=points,
-                           live=summary["state"] == "running")
 
     def machines(self, request: Request) -> Response:
         return self.render("fsm.html", run_svg=fsm.svg("run"), stage_svg=fsm.svg("stage"),
@@ -334,9 +276,10 @@ def create_app(ledger: LedgerReader, *, token: str | None = None, db_label: str 
         Route("/fragments/runs/{run_id}", board.run_fragment),
         Route("/api/runs/{run_id}/curves", board.run_curves),
         Route("/runs/{run_id}/verify", board.verify),
-        Route("/compare", board.compare),
-        Route("/sweeps", board.sweeps),
-        Route("/sweeps/{sweep_id}", board.sweep),
+        Route("/compare", partial(compare.compare, board)),
+        Route("/sweeps", partial(sweeps.sweeps, board)),
+        Route("/sweeps/{sweep_id}", partial(sweeps.sweep, board)),
+        Route("/api/sweeps/{sweep_id}", partial(sweeps.sweep_data, board)),
         Route("/fsm", board.machines),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]

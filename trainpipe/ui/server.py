@@ -71,8 +71,11 @@ def serve(db: str | None, host: str, port: int, token: str | None, announce: Cal
     ledger = open_ledger(db)
     sock = bind(host, port)
     shown_host = f"[{host}]" if ":" in host else host
-    url = f"http://{shown_host}:{sock.getsockname()[1]}/" + (f"?token={token}" if token else "")
-    announce(f"trainpipe ui: serving {ledger.where} at {url} (read-only; Ctrl-C stops)")
+    url = f"http://{shown_host}:{sock.getsockname()[1]}/"
+    # The token itself is never printed: a terminal's scrollback, a log file or a shared screen would keep it.
+    needs = (f"; every request needs the token (--token or TRAINPIPE_UI_TOKEN): open {url}?token=YOUR_TOKEN "
+             "once, or send Authorization: Bearer YOUR_TOKEN") if token else ""
+    announce(f"trainpipe ui: serving {ledger.where} at {url} (read-only; Ctrl-C stops{needs})")
     app = create_app(ledger, token=token, db_label=ledger.where)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     uvicorn.Server(config).run(sockets=[sock])

@@ -35,6 +35,7 @@ function lineChart(area, title, series, opts) {
     }))),
   }, data, box);
   box.dataset.points = String(data[0].length);
+  box.uplot = plot;  // what was drawn, for a test to read back
   return { plot: plot, labels: labels, box: box };
 }
 
@@ -45,7 +46,9 @@ function drawRunCharts(payload) {
   area.textContent = "";
   for (const chart of payload) {
     for (const [name, points] of Object.entries(chart.curves)) {
-      const entry = lineChart(area, chart.stage + " · " + name, { [name]: points });
+      // A stage taken from the stage cache: the curves of the run that trained it, and the title says so.
+      const from = chart.origin ? " (from the cache: run " + chart.origin + ")" : "";
+      const entry = lineChart(area, chart.stage + " · " + name + from, { [name]: points });
       entry.key = chart.stage + "/" + name + "/" + points.length;
       charts.push(entry);
     }
@@ -136,13 +139,50 @@ function setupCompare() {
   for (const chart of overlay) lineChart(area, chart.title, chart.series);
 }
 
-function setupSweep() {
-  const data = readJSON("objective-data");
-  const area = document.getElementById("objective-chart");
-  if (!data || !area || !data.points.length) return;
+function drawObjective(area, data, previous) {
+  if (previous) { previous.plot.destroy(); previous.box.remove(); }
+  if (!data.points.length) return null;
   const series = { [data.metric]: data.points.map((p) => [p[0], p[1]]) };
   const entry = lineChart(area, data.metric + " per trial (drag to zoom)", series, { xLabel: "trial", points: true });
   entry.plot.setSeries(1, { width: 0 });
+  return entry;
+}
+
+// A running sweep's page follows it: every tick fetches /api/sweeps/{id} (JSON: the state, the chart's
+// points, and the head-and-table and best-trial parts rendered and escaped by the server) and swaps
+// them in, until the sweep is no longer running.
+function setupSweep() {
+  const dataEl = document.getElementById("objective-data");
+  const area = document.getElementById("objective-chart");
+  if (!dataEl || !area) return;
+  const data = JSON.parse(dataEl.textContent);
+  let chart = drawObjective(area, data, null);
+  let key = JSON.stringify(data.points);
+  const live = document.getElementById("sweep-live");
+  const best = document.getElementById("sweep-best");
+  if (!live || live.dataset.state !== "running") return;
+  const tick = async () => {
+    let more = true;
+    if (!document.hidden) {
+      try {
+        const response = await fetch(dataEl.dataset.src, { credentials: "same-origin", headers: { Accept: "application/json" } });
+        if (response.ok) {
+          const next = await response.json();
+          live.innerHTML = next.html.top;
+          best.innerHTML = next.html.best;
+          live.dataset.state = next.state;
+          live.dataset.updated = String(Date.now());
+          const nextKey = JSON.stringify(next.points);
+          if (nextKey !== key) { key = nextKey; chart = drawObjective(area, next, chart); }
+          more = next.state === "running";
+        }
+      } catch (e) {
+        // the server restarting: try again next tick
+      }
+    }
+    if (more) setTimeout(tick, POLL_MS);
+  };
+  setTimeout(tick, POLL_MS);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
