@@ -8,7 +8,8 @@ from typing import Any
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from trainpipe.cli.render import Renderer, _short, _state
+from trainpipe import humanize
+from trainpipe.cli.render import Renderer, _state
 from trainpipe.engine.observer import Observer
 from trainpipe.engine.sweep import SweepObserver
 
@@ -123,9 +124,9 @@ class SweepProgress(ProgressObserver, SweepObserver):
     def trial_started(self, number: int, total: int, params: dict[str, Any], run_id: str, resumed: bool) -> None:
         self.close()
         self._new_bars()  # a fresh set of bars per trial
-        shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
+        shown = ", ".join(f"{k}={humanize.short(v)}" for k, v in params.items())
         self.console.rule(f"trial {number + 1}/{total}{' (resumed)' if resumed else ''}: {escape(shown)}")
 
     def trial_finished(self, number: int, state: str, objective: float | None) -> None:
         self.close()
-        self.console.print(f"trial {number + 1}: {_state(state)}, objective {_short(objective)}")
+        self.console.print(f"trial {number + 1}: {_state(state)}, objective {humanize.short(objective)}")

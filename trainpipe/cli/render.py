@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from trainpipe import humanize
 
 if TYPE_CHECKING:
     from trainpipe.engine.observer import RunResult
@@ -21,17 +22,6 @@ STATE_STYLE = {"succeeded": "green", "passed": "green", "running": "cyan", "vali
 
 PLAIN_TABLE_ROWS = 200
 KIND_LABEL = {"user": "input error", "transient": "transient error", "environment": "disk full", "bug": "bug"}  # trainpipe/failures.py
-
-
-def _when(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -53,12 +43,6 @@ def _state(state: str) -> str:
 def _first_line(text: str | None, width: int = 200) -> str:
     line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
     return line if len(line) <= width else line[: width - 1] + "…"
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value)
 
 
 def _source(stage: dict[str, Any]) -> str:
@@ -126,8 +110,8 @@ class Renderer:
             return
         headers = ("run id", "pipeline", "state", "stage", "progress", "started", "duration")
         cells = [(row["run_id"], row["pipeline_id"], row["state"], row["current_stage"] or "-",
-                  f"{row['stages_done']}/{row['stages_total']}", _when(row["started_at"]),
-                  _duration(row["duration_s"])) for row in rows]
+                  f"{row['stages_done']}/{row['stages_total']}", humanize.when(row["started_at"]),
+                  humanize.duration(row["duration_s"])) for row in rows]
         if len(cells) > PLAIN_TABLE_ROWS:
             self._plain_table(headers, cells)
         else:
@@ -236,13 +220,13 @@ class Renderer:
                                    soft_wrap=True)
             metrics = {k: v for k, v in stage["metrics"].items() if not isinstance(v, (dict, list))}
             if metrics:
-                self.out.print("  metrics: " + ", ".join(f"{k}={_short(v)}" for k, v in metrics.items()),
+                self.out.print("  metrics: " + ", ".join(f"{k}={humanize.short(v)}" for k, v in metrics.items()),
                                markup=False)
             if stage["checkpoints"]:
                 self.out.print("  checkpoints: " + ", ".join(f"step {c['step']}" for c in stage["checkpoints"]))
             for name, points in stage.get("curves", {}).items():
                 values = [v for _, v in points]
-                self.out.print(f"  {name:<18} {sparkline(values)}  {_short(values[0])} -> {_short(values[-1])} "
+                self.out.print(f"  {name:<18} {sparkline(values)}  {humanize.short(values[0])} -> {humanize.short(values[-1])} "
                                f"over {len(values)} logged steps", markup=False)
             if stage["gate"]:
                 self._gate_table(stage["gate"]["name"], stage["gate"]["checks"], stage["gate"]["passed"],
@@ -252,7 +236,7 @@ class Renderer:
         for column in ("#", "time", "stage", "from", "to", "trigger", "pid"):
             table.add_column(column)
         for t in report["transitions"]:
-            table.add_row(str(t["id"]), _when(t["at"]), t["stage"] or "(run)", t["from_state"] or "-",
+            table.add_row(str(t["id"]), humanize.when(t["at"]), t["stage"] or "(run)", t["from_state"] or "-",
                           t["to_state"], t["trigger"], str(t["pid"]))
         self.out.print(table)
 
@@ -305,7 +289,7 @@ class Renderer:
                 continue
             result = "[green]pass[/]" if check["passed"] else (
                 "[yellow]warn[/]" if check.get("severity") == "warn" else "[red]FAIL[/]")
-            table.add_row(check["name"], result, _short(check["value"]), _short(check["threshold"]),
+            table.add_row(check["name"], result, humanize.short(check["value"]), humanize.short(check["threshold"]),
                           f"{check.get('duration_s') or 0:.2f}s", check.get("details") or "")
         self.out.print(table)
 
@@ -322,7 +306,7 @@ class Renderer:
         for stage in report["stages"]:
             metrics = stage["metrics"]
             key = ("size_gb" if stage["name"] == "merge" else "final_loss")
-            value = f"{key}={_short(metrics.get(key))}" if key in metrics else "-"
+            value = f"{key}={humanize.short(metrics.get(key))}" if key in metrics else "-"
             took = sum(a["duration_s"] for a in stage["attempt_history"])
             gate = stage["gate"]
             verdict = "-" if gate is None else ("passed" if gate["passed"] else "[red]rejected[/]")
@@ -380,9 +364,9 @@ class Renderer:
         for row in report["trials"]:
             label = f"[bold green]{row['number']} ★ best[/]" if row["best"] else str(row["number"])
             gates = [_state(state) if state != "-" else "-" for state in row["gates"].values()]
-            table.add_row(label, *[escape(_short(row["params"].get(k))) for k in report["space"]], *gates,
-                          ",".join(row["trained"]) or "-", _short(row["objective"]),
-                          _duration(row["wall_s"]) if row["wall_s"] is not None else "-", row["run_id"])
+            table.add_row(label, *[escape(humanize.short(row["params"].get(k))) for k in report["space"]], *gates,
+                          ",".join(row["trained"]) or "-", humanize.short(row["objective"]),
+                          humanize.duration(row["wall_s"]) if row["wall_s"] is not None else "-", row["run_id"])
         self.out.print(table)
         trained = report["stage_trainings"]
         naive = report["naive_stage_trainings"]
@@ -391,7 +375,7 @@ class Renderer:
         best = report["best"]
         if best:
             self.out.print(f"[green]best:[/] trial {best['number']} (run {best['run_id']}), "
-                           f"{objective['metric']} = {_short(best['objective'])}", soft_wrap=True)
+                           f"{objective['metric']} = {humanize.short(best['objective'])}", soft_wrap=True)
             if report["outputs"]["best_config"] and report["state"] == "finished":
                 self.out.print(f"best config: {report['outputs']['best_config']}", soft_wrap=True)
         elif report["state"] == "finished":

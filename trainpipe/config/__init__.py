@@ -1,18 +1,15 @@
 """Pipeline configuration: the lesson's YAML format (models.py), loaded and validated (loading.py)."""
 
+from trainpipe.config.datasets import FORMAT_NAMES, HUB_PREFIX, DatasetPaths, DatasetSource
 from trainpipe.config.loading import config_from_snapshot, ineffective_overrides, load_config
 from trainpipe.config.models import (
     BUILTIN_CHECKS,
     DEFAULT_BLOCKLIST,
     DEFAULT_TARGET_MODULES,
-    FORMAT_NAMES,
-    HUB_PREFIX,
     STAGE_ORDER,
     STAGE_SETTINGS,
     UPLOAD_STAGE,
     CheckOverride,
-    DatasetPaths,
-    DatasetSource,
     DPOSettings,
     LauncherSettings,
     MergeSettings,

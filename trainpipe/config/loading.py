@@ -12,7 +12,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 
-from trainpipe.config.models import STAGE_ORDER, STAGE_SETTINGS, DatasetPaths, DatasetSource, PipelineConfig
+from trainpipe.config.datasets import DatasetPaths, DatasetSource
+from trainpipe.config.models import STAGE_ORDER, STAGE_SETTINGS, PipelineConfig
 from trainpipe.errors import ConfigError
 
 

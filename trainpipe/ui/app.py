@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hmac
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from functools import partial
@@ -28,6 +27,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from trainpipe import humanize
 from trainpipe.engine import report as reports
 from trainpipe.engine.machine import RunState, mermaid
 from trainpipe.errors import RunNotFound, TrainpipeError
@@ -46,25 +46,6 @@ LIVE_STATES = {"pending", "running"}
 PIPELINES_TTL_S = 30.0
 
 
-def _when(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value)
-
-
 def _yaml(value: Any) -> str:
     import yaml
 
@@ -74,7 +55,7 @@ def _yaml(value: Any) -> str:
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(when=_when, duration=_duration, short=_short, yaml=_yaml)
+    env.filters.update(when=humanize.when, duration=humanize.duration, short=humanize.short, yaml=_yaml)
     return env
 
 
