@@ -122,13 +122,18 @@ def assert_continued_from_checkpoint(ledger: Ledger, run_id: str, stage: str, at
     resumed_from = attempt["resumed_from"]
     assert resumed_from, f"{stage} attempt {attempt['attempt']} was given no checkpoint"
     state_file = Path(resumed_from) / "trainer_state.json"
-    checkpoint_step = json.loads(state_file.read_text(encoding="utf-8"))["global_step"]
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    checkpoint_step, max_steps = state["global_step"], state["max_steps"]
     assert checkpoint_step > 0
     began_at, finished = trainer_steps(ledger.get_run(run_id)["run_dir"], stage, attempt["attempt"])
     assert began_at == checkpoint_step, f"{stage}: trainer began at step {began_at}, checkpoint is {checkpoint_step}"
     assert finished or not trains, f"{stage}: the resumed trainer finished no step"
     assert finished == list(range(checkpoint_step + 1, checkpoint_step + 1 + len(finished))), (
         f"{stage}: after checkpoint-{checkpoint_step} the trainer finished steps {finished}")
+    # A checkpoint at the last step leaves nothing to train: one more step would move the weights
+    # under any schedule whose learning rate is not zero there.
+    assert not finished or finished[-1] <= max_steps, (
+        f"{stage}: the trainer went on past max_steps {max_steps} (finished steps {finished})")
     return checkpoint_step
 
 

@@ -173,13 +173,37 @@ def patch_trl_for_cpu() -> None:
 
 def train(trainer: Any, ctx: StageContext) -> Any:
     """Run the trainer, resuming from the verified checkpoint the orchestrator chose, if any."""
-    result = trainer.train(resume_from_checkpoint=ctx.spec.resume_from or None)
+    checkpoint = ctx.spec.resume_from or None
+    if checkpoint and _trained_to_the_end(checkpoint):
+        result = _load_final_checkpoint(trainer, checkpoint, ctx)
+    else:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     distributed.finish()
     if stop_requested():
         raise Preempted(f"{ctx.spec.stage} stopped at step {trainer.state.global_step} on request")
     if not distributed.is_main():
         raise OtherRankDone()
     return result
+
+
+def _trained_to_the_end(checkpoint: str) -> bool:
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return bool(state.get("max_steps")) and state["global_step"] >= state["max_steps"]
+
+
+def _load_final_checkpoint(trainer: Any, checkpoint: str, ctx: StageContext) -> Any:
+    """A checkpoint taken at the last step (the stage died after training: writing its output, in its
+    gate) leaves nothing to train. transformers would still run one more step when resuming from it
+    (5.23: the epoch loop takes its next batch before it checks max_steps), which moves the weights
+    under any schedule whose learning rate is not zero there. So load its weights and state instead."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    ctx.events.emit("progress", step=trainer.state.global_step, total=trainer.state.max_steps)
+    losses = log_losses(trainer.state.log_history)
+    return TrainOutput(trainer.state.global_step, sum(losses) / len(losses) if losses else float("nan"), {})
 
 
 class OtherRankDone(Exception):
