@@ -51,7 +51,7 @@ def data_preview(config: str | os.PathLike[str], *, overrides: list[str] | None 
 def resume(run_id: str, *, db: str | None = None, ledger: Ledger | None = None,
            observer: Observer | None = None, force: bool = False) -> RunResult:
     """Continue an interrupted or failed run from its first stage that has not passed. A change of
-    environment that breaks resuming (see README, "Lineage") is refused unless `force`."""
+    environment that breaks resuming (see docs/outputs.md, "Lineage") is refused unless `force`."""
     from trainpipe.engine import driver
 
     return driver.resume(run_id, ledger=_ledger(db, ledger), observer=observer, force=force)

@@ -1,4 +1,4 @@
-"""Pipeline configuration: the lesson's YAML format (models.py), loaded and validated (loading.py)."""
+"""Pipeline configuration: the lesson's YAML format (models.py, datasets.py), loaded and validated (loading.py)."""
 
 from trainpipe.config.datasets import FORMAT_NAMES, HUB_PREFIX, DatasetPaths, DatasetSource
 from trainpipe.config.loading import config_from_snapshot, ineffective_overrides, load_config

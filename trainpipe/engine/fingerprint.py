@@ -57,7 +57,7 @@ def resolved_backend(config: PipelineConfig) -> str:
     backend = config.backend
     if backend == "auto":
         backend = "unsloth" if cuda and importlib.util.find_spec("unsloth") is not None else "hf"
-    # Each CPU kernel rounds differently (README, "Same outcome on every CPU").
+    # Each CPU kernel rounds differently (docs/getting-started.md, "Same outcome on every CPU").
     kernel = os.environ.get("ATEN_CPU_CAPABILITY") or "native"
     return f"{backend}/{'cuda' if cuda else 'cpu'}/{kernel}"
 

@@ -40,7 +40,7 @@ def environment(config: PipelineConfig) -> dict[str, Any]:
     return {
         "libraries": {"python": platform.python_version(), **package_versions(LIBRARIES)},
         "device": {"type": "cuda" if cuda else "cpu", "gpu": gpu_name() if cuda else None},
-        # Each CPU kernel rounds differently (README, "Same outcome on every CPU"); None is the default one.
+        # Each CPU kernel rounds differently (docs/getting-started.md, "Same outcome on every CPU"); None is the default one.
         "cpu_kernel": os.environ.get("ATEN_CPU_CAPABILITY") or None,
         "world_size": {name: world_size(getattr(config, name).model_dump(mode="json"))
                        for name in STAGE_ORDER if config.enabled(name)},

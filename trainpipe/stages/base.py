@@ -1,4 +1,4 @@
-"""What a stage receives and returns. A stage runs in its own child process (see worker.py) and
+"""What a stage receives and returns. A stage runs in its own child process (attempt/worker.py) and
 talks to the orchestrator through an append-only events file and a final result file."""
 
 from __future__ import annotations
