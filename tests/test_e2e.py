@@ -107,6 +107,14 @@ def test_quickstart_cli_end_to_end(kernel, tmp_path, db_url, monkeypatch):
         "base_model", "adapter_path", "merged_path", "size_gb", "merge_time_seconds"}
     assert {"final_loss", "total_steps", "beta_used"} <= set(json.loads((run_dir / "dpo" / "metrics.json").read_text()))
 
+    # The preflight's disk estimate (stages/footprint.py) against the bytes the run actually wrote.
+    from trainpipe.config import load_config
+    from trainpipe.stages.footprint import estimate
+
+    estimated = estimate(load_config(QUICKSTART, overrides=[f"output_dir={out}"])).total
+    written = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
+    assert 0.92 <= estimated / written <= 1.15, f"estimated {estimated} bytes, the run wrote {written}"
+
     # status and inspect agree with the ledger.
     status = json.loads(cli("status", "--json", check=True).stdout)
     assert [(r["run_id"], r["state"]) for r in status] == [(run_id, "succeeded")]

@@ -26,6 +26,12 @@ SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I
 # trainer_state.json, training_args.bin, rng_state.pth, scheduler.pt, README.md, configs: ~30 kB measured
 # on the quickstart (a checkpoint of the tiny model is 306 kB, 69 kB of it the adapter).
 CHECKPOINT_OVERHEAD_BYTES = 64 * 1024
+# trainer_state.json keeps the whole log history, so it grows with the step it is saved at. Per logged
+# step, measured on the quickstart: ~297 bytes for SFT (89 kB at step 300), ~685 for DPO (more
+# metrics). Summed over a stage's checkpoints this was what the estimate missed (1.4 of 13.0 MB).
+LOG_ENTRY_BYTES = {"sft": 320, "dpo": 720}
+# The attempt's events file and stage log per step, measured: SFT ~820 bytes, DPO ~2 kB.
+EVENT_BYTES_PER_STEP = {"sft": 900, "dpo": 2100}
 @dataclass
 class StageNeed:
     stage: str
@@ -71,11 +77,16 @@ def estimate(config: Any, stages: list[str] | None = None) -> Estimate | None:
         else:
             settings = getattr(config, stage)
             adapter = _lora_params(arch, settings.lora_r, settings.target_modules) * 4  # adapters train in float32
-            count = _checkpoint_count(config, stage, settings)
-            if count:
-                # Each checkpoint: the adapter, AdamW's two moments of it, the tokenizer, trainer state.
+            steps = _planned_steps(config, stage, settings)
+            if steps:
+                interval = config.checkpoint_interval(stage)
+                saved_at = list(range(interval, steps + 1, interval)) + ([steps] if steps % interval else [])
+                # Each checkpoint: the adapter, AdamW's two moments of it, the tokenizer, trainer state
+                # with the log history up to its step.
                 one = adapter * 3 + tokenizer_bytes + CHECKPOINT_OVERHEAD_BYTES
-                need.parts.append((f"{count} checkpoints", count * one))
+                history = LOG_ENTRY_BYTES[stage] * sum(saved_at) // settings.logging_steps
+                need.parts.append((f"{len(saved_at)} checkpoints", len(saved_at) * one + history))
+                need.parts.append(("events and logs", steps * EVENT_BYTES_PER_STEP[stage]))
             need.parts.append(("adapter", adapter + tokenizer_bytes))
             if stage == "dpo" and settings.save_merged:
                 # dpo.py's _save_merged writes the merged copy as the policy was loaded: full precision.
@@ -148,16 +159,16 @@ def _lora_params(arch: dict[str, Any], rank: int, targets: list[str]) -> int:
     return per_layer * layers
 
 
-def _checkpoint_count(config: Any, stage: str, settings: Any) -> int:
-    """transformers saves every `save_steps` and at the last step, and keeps them all."""
-    steps = settings.max_steps
-    if not steps:
-        rows = _rows(config.datasets.sft if stage == "sft" else config.datasets.preference)
-        if rows is None:
-            return 0
-        per_step = settings.batch_size * settings.gradient_accumulation
-        steps = math.ceil(math.ceil(rows / per_step) * settings.epochs)
-    return math.ceil(steps / config.checkpoint_interval(stage))
+def _planned_steps(config: Any, stage: str, settings: Any) -> int | None:
+    """The optimizer steps the stage will take (transformers saves every `save_steps` and at the last
+    step, and keeps them all); None when its data's row count is unknown without reading it."""
+    if settings.max_steps:
+        return settings.max_steps
+    rows = _rows(config.datasets.sft if stage == "sft" else config.datasets.preference)
+    if rows is None:
+        return None
+    per_step = settings.batch_size * settings.gradient_accumulation
+    return math.ceil(math.ceil(rows / per_step) * settings.epochs)
 
 
 def _rows(source: Any) -> int | None:
