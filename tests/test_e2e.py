@@ -108,7 +108,6 @@ def test_quickstart_cli_end_to_end(kernel, tmp_path, db_url, monkeypatch):
     assert {"final_loss", "total_steps", "beta_used"} <= set(json.loads((run_dir / "dpo" / "metrics.json").read_text()))
 
     # The preflight's disk estimate (stages/footprint.py) against the bytes the run actually wrote.
-    from trainpipe.config import load_config
     from trainpipe.stages.footprint import estimate
 
     estimated = estimate(load_config(QUICKSTART, overrides=[f"output_dir={out}"])).total
