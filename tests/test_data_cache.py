@@ -52,6 +52,8 @@ def adapter(run_dir: str) -> dict:
     return load_weights(Path(run_dir) / "sft" / "adapter_model.safetensors")
 
 
+# ~60 s: CI runs it in the second environment (make test-libmin), beside the main suite.
+@pytest.mark.extended
 def test_resumed_attempt_reuses_tokenized_data_and_ends_bit_identical(tmp_path, db_url, large_sft):
     # The uninterrupted reference prepares its own tokenized data, in a home of its own.
     reference_env = {**os.environ, "TRAINPIPE_HOME": str(tmp_path / "reference-home"),

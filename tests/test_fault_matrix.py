@@ -97,6 +97,8 @@ def test_orchestrator_killed_after_transition(point, step, tmp_path, db_url, ref
     _assert_recovered(ledger, run_id, reference_weights)
 
 
+# CI runs it in the second environment (make test-libmin), beside the main suite.
+@pytest.mark.extended
 def test_killed_between_the_steps_of_the_output_rename_resumes_bit_identical(tmp_path, db_url, reference_weights):
     """The machine dies while SFT moves its finished output into place: the orchestrator and the stage
     process are both SIGKILLed while the stage holds between removing the old output and renaming
