@@ -162,9 +162,23 @@ def main(argv: list[str]) -> int:
         del merged
         marks["merge"] = time.perf_counter() - started - sum(marks.values())
     if config.enabled("dpo"):
+        # As stages/dpo.py: held-out preference pairs, when the config has them, are evaluated once after
+        # the last step (gate 3's alignment figures); that is part of the stage's work.
+        from transformers import TrainerCallback
+
+        from trainpipe.stages.data import has_preference_eval, heldout_dataset
+
+        heldout = heldout_dataset(config, "preference") if has_preference_eval(config) else None
+
+        class EvaluateAtEnd(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if heldout is not None and state.global_step == state.max_steps:
+                    control.should_evaluate = True
+
         dpo = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(policy, **load),
                          args=DPOConfig(**common(config.dpo, "dpo"), beta=config.dpo.beta), processing_class=tokenizer,
-                         train_dataset=datasets_for(config, "preference"), peft_config=lora(config.dpo))
+                         train_dataset=datasets_for(config, "preference"), eval_dataset=heldout,
+                         peft_config=lora(config.dpo), callbacks=[EvaluateAtEnd()])
         runtimes["dpo"] = dpo.train().metrics["train_runtime"]
         steps["dpo"] = dpo.state.global_step
         dpo.model.save_pretrained(out / "dpo-adapter")
