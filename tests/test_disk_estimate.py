@@ -74,7 +74,10 @@ class FakeHub:
         self.calls.append({"repo_id": repo_id, "files_metadata": files_metadata, "timeout": timeout})
         if self.info_error:
             raise self.info_error
-        return ModelInfo(**self.models[repo_id])
+        answer = dict(self.models[repo_id])
+        if not files_metadata:  # the Hub lists the files' sizes only when asked (blobs=true)
+            answer["siblings"] = [{"rfilename": f["rfilename"]} for f in answer["siblings"]]
+        return ModelInfo(**answer)
 
     def hf_hub_download(self, repo_id, filename, **kw):
         if self.download_error:
@@ -200,13 +203,40 @@ def test_a_download_bigger_than_the_cache_filesystem_alone_is_refused_naming_it(
     assert len(hub.calls) == 1
 
 
+def test_on_one_filesystem_the_download_and_the_outputs_add_up(
+        hub: FakeHub, small_fs, tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each fits on its own; together they do not."""
+    from huggingface_hub import constants
+
+    hub.models["org/small"] = hub_answer("org/small", {"model.safetensors": 3_000_000}, params=1_500_000)
+    overrides = ["base_model=org/small", "stages.merge.enabled=false", "stages.dpo.enabled=false",
+                 "sft.max_steps=2", "checkpoint_every_n_steps=1"]
+    found, _ = explain(load_config(QUICKSTART, overrides=overrides), hub=True)
+    out_need, download = found.total, found.download.total
+    disk = small_fs(str(max(out_need, download) + min(out_need, download) // 2))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(disk / "hf" / "hub"))
+    config = load_config(QUICKSTART, overrides=[*overrides, f"output_dir={disk / 'out'}"])
+    ledger = Ledger(db_url)
+    try:
+        with pytest.raises(PreflightError) as refused:
+            preflight.check(config, ledger)
+    finally:
+        ledger.close()
+    message = refused.value.message
+    assert message.startswith(f"output_dir '{disk / 'out'}' and the HF cache '{disk / 'hf' / 'hub'}': their "
+                              f"filesystem ({disk}) has"), message
+    assert f"will download and write about {human(out_need + download)} there" in message, message
+    assert len(hub.calls) == 1
+
+
 def test_a_small_model_passes_with_one_hub_request_and_its_sizes_come_from_the_hub(
         hub: FakeHub, tmp_path: Path, db_url: str) -> None:
     weights = {"model-00001-of-00002.safetensors": 600_000, "model-00002-of-00002.safetensors": 400_000,
                "consolidated.safetensors": 10**12}  # another copy of the weights: not fetched
     hub.models["org/tiny"] = hub_answer("org/tiny", weights, params=500_000)
     hub.models["org/tiny"]["siblings"].append({"rfilename": "model.safetensors.index.json", "size": 20_000})
-    config = load_config(QUICKSTART, overrides=[f"output_dir={tmp_path / 'out'}", "base_model=org/tiny"])
+    config = load_config(QUICKSTART, overrides=[f"output_dir={tmp_path / 'out'}", "base_model=org/tiny",
+                                                "sft.max_steps=2", "dpo.max_steps=2"])  # ~150 MB to write
     ledger = Ledger(db_url)
     try:
         assert preflight.check(config, ledger) == []  # no problem, nothing skipped
@@ -272,3 +302,25 @@ def test_when_the_hub_cannot_size_the_model_the_disk_check_is_skipped_and_said(
     assert "disk space not checked: the size of 'org/huge' could not be read from the Hub" in text, text
     assert proc.stdout.startswith("Run "), proc.stdout
     assert len(run_rows(db_url)) == 1 and "will download" not in text
+
+
+@pytest.mark.parametrize(("space", "strategy", "expected"), [
+    ({"dpo.beta": [0.05, 0.1, 0.3]}, "grid", (3, {"sft": 1, "merge": 1, "dpo": 3})),
+    ({"merge.dtype": ["float32", "bfloat16"]}, "grid", (2, {"sft": 1, "merge": 2, "dpo": 2})),
+    ({"sft.learning_rate": {"low": 1.0e-4, "high": 1.0e-3, "log": True}}, "random",
+     (5, {"sft": 5, "merge": 5, "dpo": 5})),
+    ({"seed": [1, 2]}, "grid", (2, {"sft": 2, "merge": 2, "dpo": 2})),
+])
+def test_a_sweep_writes_a_stage_once_unless_a_swept_key_touches_it_or_a_stage_upstream(
+        tmp_path: Path, space: dict, strategy: str, expected: tuple) -> None:
+    import yaml
+
+    from trainpipe.config.sweepfile import load_sweep
+    from trainpipe.engine.sweep import disk_copies
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"base": str(QUICKSTART), "space": space, "strategy": strategy,
+                                     **({"n_trials": 5} if strategy != "grid" else {}),
+                                     "objective": {"metric": "dpo.rewards/accuracies"}}))
+    spec, config = load_sweep(sweep)
+    assert tuple(disk_copies(spec, config)) == expected

@@ -132,13 +132,14 @@ def test_a_sweep_is_checked_for_all_its_trials_and_force_starts_it(small_fs, tmp
         started = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "sweep", str(sweep), "--force",
                                     "--db", db_url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            wait_for(lambda: ledger.list_sweeps() and ledger.list_runs(limit=None), timeout=120,
-                     what="the forced sweep to record itself and its first trial")
+            wait_for(lambda: (ledger.list_sweeps() and ledger.list_runs(limit=None)) or started.poll() is not None,
+                     timeout=120, what="the forced sweep to record itself and its first trial")
         finally:
             started.send_signal(signal.SIGINT)
             output, _ = started.communicate(timeout=120)
-        (row,) = ledger.list_sweeps()
-        assert ledger.get_sweep(row["sweep_id"])["spec"]["force"] is True
+        sweeps = ledger.list_sweeps()
+        assert len(sweeps) == 1, output
+        assert ledger.get_sweep(sweeps[0]["sweep_id"])["spec"]["force"] is True
         assert "will write about" not in output, output
     finally:
         ledger.close()
