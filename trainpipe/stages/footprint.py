@@ -170,10 +170,11 @@ def _hub_shapes(repo_id: str) -> tuple[tuple[int, int, dict[str, Any]], StageNee
     config.json. Raises on any failure; `explain` reports it."""
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
+    from trainpipe.credentials import hub_token
     from trainpipe.stages.hub_model import model_info
 
     info = model_info(repo_id)
-    raw = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text(encoding="utf-8"))
+    raw = json.loads(Path(hf_hub_download(repo_id, "config.json", token=hub_token())).read_text(encoding="utf-8"))
     arch = raw.get("text_config") or raw
     sizes = {s.rfilename: s.size for s in info.siblings or [] if "/" not in s.rfilename}
     weights = _weight_files(list(sizes))
