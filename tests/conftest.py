@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,29 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if item.get_closest_marker("extended"):
             item.add_marker(skip)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A mount point and a function that (re)mounts a tmpfs of the given size there (test_disk_full.py,
+    test_disk_estimate.py). Mounting needs root: without it the test skips, saying why; under CI=true
+    it fails instead."""
+    mount_point = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
+    mount_point.mkdir()
+    mounted = []
+
+    def mount(size: str) -> Path:
+        options = f"remount,size={size}" if mounted else f"size={size}"
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            reason = f"cannot mount a tmpfs here ({(proc.stderr or proc.stdout).strip()}); needs root"
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"{reason} (CI=true: the full-disk tests must run, not skip)")
+            pytest.skip(reason)
+        mounted.append(size)
+        return mount_point
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)

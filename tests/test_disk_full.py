@@ -8,15 +8,13 @@ under CI=true they fail instead."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
 
 from conftest import QUICKSTART
-from helpers import cli
+from helpers import cli, wait_for
 from trainpipe.errors import EXIT_ENVIRONMENT
 from trainpipe.failures import BUG, ENVIRONMENT, classify
 from trainpipe.store.ledger import Ledger
@@ -30,30 +28,6 @@ SMALL_RUN = ["sft.max_steps=12", "checkpoint_every_n_steps=1", "stages.merge.ena
 
 def _sets(*overrides: str) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """A mount point and a function that (re)mounts a tmpfs of the given size there."""
-    mount_point = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
-    mount_point.mkdir()
-    mounted = []
-
-    def mount(size: str) -> Path:
-        options = f"remount,size={size}" if mounted else f"size={size}"
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            reason = f"cannot mount a tmpfs here ({(proc.stderr or proc.stdout).strip()}); needs root"
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"{reason} (CI=true: the full-disk tests must run, not skip)")
-            pytest.skip(reason)
-        mounted.append(size)
-        return mount_point
-
-    yield mount
-    if mounted:
-        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
 
 def _fill(directory: Path) -> Path:
@@ -118,6 +92,55 @@ def test_preflight_refuses_a_too_small_output_filesystem_and_force_overrides(sma
     ledger = Ledger(db_url)
     try:
         assert ledger.list_runs(limit=None) == []  # nothing recorded
+    finally:
+        ledger.close()
+
+
+def test_a_sweep_is_checked_for_all_its_trials_and_force_starts_it(small_fs, tmp_path, db_url):
+    """One trial fits, three do not: each trial sweeps SFT's learning rate, so each writes its own SFT."""
+    import signal
+    import sys
+
+    import yaml
+
+    from trainpipe.config import load_config
+    from trainpipe.engine import preflight
+    from trainpipe.stages.footprint import estimate
+
+    per_run = estimate(load_config(QUICKSTART, overrides=SMALL_RUN)).total
+    disk = small_fs(str(int(per_run * 1.8)))  # bytes
+    overrides = [f"output_dir={disk / 'out'}", *SMALL_RUN]
+    assert preflight.disk_space_problems(load_config(QUICKSTART, overrides=overrides)) == ([], None)  # a run fits
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"base": str(QUICKSTART), "set": overrides, "strategy": "grid",
+                                     "space": {"sft.learning_rate": [1.0e-3, 2.0e-3, 3.0e-3]},
+                                     "objective": {"metric": "sft.final_loss", "direction": "minimize"}}))
+
+    proc = cli("sweep", str(sweep), "--db", db_url)
+    message = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 2, message
+    assert f"output_dir '{disk / 'out'}': its filesystem ({disk}) has" in message, message
+    assert "this sweep of 3 trials will write about" in message, message
+    assert "sft ~" in message and "(12 checkpoints" in message and "in each of 3 trials = ~" in message, message
+    assert "sweep fewer trials" in message and "--force" in message and "Traceback" not in message, message
+    ledger = Ledger(db_url)
+    try:
+        assert ledger.list_sweeps() == [] and ledger.list_runs(limit=None) == []  # nothing recorded
+        assert not (disk / "out").exists()
+
+        # --force: the sweep is created and its first trial starts; stopped there (Ctrl-C), not trained out.
+        started = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "sweep", str(sweep), "--force",
+                                    "--db", db_url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for(lambda: (ledger.list_sweeps() and ledger.list_runs(limit=None)) or started.poll() is not None,
+                     timeout=120, what="the forced sweep to record itself and its first trial")
+        finally:
+            started.send_signal(signal.SIGINT)
+            output, _ = started.communicate(timeout=120)
+        sweeps = ledger.list_sweeps()
+        assert len(sweeps) == 1, output
+        assert ledger.get_sweep(sweeps[0]["sweep_id"])["spec"]["force"] is True
+        assert "will write about" not in output, output
     finally:
         ledger.close()
 

@@ -200,6 +200,9 @@ def sweep(
                                           "plus N-1 `--worker` processes.")] = 1,
     worker_id: Annotated[str | None, typer.Option("--worker", help="Join this sweep as an extra worker (any "
                                                   "machine that reaches the ledger through --db).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start even if the output filesystem has less free "
+                                        "space than the sweep's trials are estimated to write (its "
+                                        "trials start so too).")] = False,
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -214,6 +217,9 @@ def sweep(
     if sweep_file is None and set_:
         raise TrainpipeError("--set cannot change an existing sweep: its trials keep the settings they "
                              "started with")
+    if sweep_file is None and force:
+        raise TrainpipeError("--force applies to the process that starts a sweep; an existing sweep keeps "
+                             "the --force it started with")
     if worker_id is not None and parallel != 1:
         raise TrainpipeError("--parallel applies to the process that starts or resumes a sweep; start more "
                              "--worker processes instead")
@@ -227,7 +233,7 @@ def sweep(
             result = sweeps.resume(resume_id, ledger=ledger, observer=observer, parallel=parallel)
         else:
             result = sweeps.start(str(sweep_file), ledger=ledger, extra_sets=set_ or [], observer=observer,
-                                  parallel=parallel)
+                                  parallel=parallel, force=force)
     finally:
         observer.close()
     renderer.sweep(result.report)

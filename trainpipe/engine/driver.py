@@ -60,7 +60,7 @@ def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = Non
     preflight.check_from_stage(config, from_stage, config_path)
     observer = observer or Observer()
     preflight.validate_inputs(config, observer)
-    preflight.check(config, ledger, check_disk=not force)
+    preflight_notes = preflight.check(config, ledger, check_disk=not force)
     run_id = check_run_id(run_id or new_run_id(config.pipeline_id))
     run_dir = inside(config.output_dir, run_id)
     snapshot = config.model_dump(mode="json")
@@ -71,7 +71,7 @@ def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = Non
                       lineage=lineage.build(config, snapshot))
     observer.run_created(run_id, str(run_dir))
     # After the run id: scripts read it from the first line of the output.
-    for note in ineffective_overrides(config, overrides or []):
+    for note in preflight_notes + ineffective_overrides(config, overrides or []):
         observer.note(note)
     ledger.transition_run(run_id, "start", advance("run", "start"), set_owner=True)
     return drive(ledger, run_id, observer, fault_point="run:start")
@@ -93,8 +93,8 @@ def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None, for
     config = config_from_snapshot(run["config_snapshot"])
     environment, env_notes = preflight.check_environment(ledger, run, config, force=force)
     pending = [s["name"] for s in ledger.stages(run_id) if s["state"] not in STAGE_DONE]
-    preflight.check(config, ledger, needs_base_model=preflight.needs_base_model(ledger, run_id, config),
-                    disk_stages=pending, check_disk=not force)
+    preflight_notes = preflight.check(config, ledger, disk_stages=pending, check_disk=not force,
+                                      needs_base_model=preflight.needs_base_model(ledger, run_id, config))
     # The compare-and-set makes the claim exclusive: of two concurrent resumes, one loses here.
     try:
         ledger.transition_run(run_id, "resume", advance("run", "resume"), expect_state=state, set_owner=True,
@@ -105,7 +105,7 @@ def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None, for
         raise RunOwned(f"run {run_id} is owned by pid {fresh['owner_pid']} on host {fresh['owner_host']}") from None
     observer = observer or Observer()
     observer.run_created(run_id, run["run_dir"])
-    for note in env_notes:
+    for note in env_notes + preflight_notes:
         observer.note(note)
     return drive(ledger, run_id, observer)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from trainpipe.config import STAGE_ORDER, UPLOAD_STAGE, PipelineConfig
 from trainpipe.engine import lineage
@@ -27,26 +27,34 @@ from trainpipe.store.ledger import Ledger
 
 # namespace/name (or a bare name), as the Hub allows them.
 HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
-HUB_TIMEOUT_S = 10.0
 WEIGHTS = ("*.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def check(config: PipelineConfig, ledger: Ledger, *, needs_base_model: bool = True,
-          disk_stages: list[str] | None = None, check_disk: bool = True) -> None:
-    """PreflightError listing every problem, or None when the run can start. `disk_stages`: the
-    stages still to write (a resume), default all; `check_disk=False` (`--force`) skips the space check."""
+          disk_stages: list[str] | None = None, check_disk: bool = True,
+          sweep: SweepCopies | None = None) -> list[str]:
+    """PreflightError listing every problem; else the notes to show once the run (or sweep) is
+    created (a disk check that could not be made, and why). `disk_stages`: the stages still to write
+    (a resume), default all; `check_disk=False` (`--force`) skips the space check; `sweep`: the
+    space is checked for every trial of a sweep (engine/sweep.py)."""
+    what = "sweep" if sweep else "run"
     output_problem = output_dir_problem(config.output_dir)
     base_problem = base_model_problem(config.base_model) if needs_base_model else None
     problems = [p for p in (output_problem, ledger_problem(ledger), base_problem,
                             upload_problem(config), *tracker_problems(config)) if p]
+    notes = []
     if check_disk and not output_problem and not base_problem:
-        problems += [p for p in [disk_space_problem(config, disk_stages)] if p]
+        found, skipped = disk_space_problems(config, disk_stages, download=needs_base_model, sweep=sweep)
+        problems += found
+        if skipped:
+            notes.append(f"disk space not checked: {skipped}; the {what} starts without knowing whether it fits")
     if problems:
         message = problems[0] if len(problems) == 1 else (
-            f"{len(problems)} problems stop this run:\n" + "\n".join(f"  - {p}" for p in problems))
+            f"{len(problems)} problems stop this {what}:\n" + "\n".join(f"  - {p}" for p in problems))
         raise PreflightError(message,
                              hint="nothing was recorded; fix the above and run the same command again")
+    return notes
 
 
 def output_dir_problem(output_dir: str) -> str | None:
@@ -54,22 +62,58 @@ def output_dir_problem(output_dir: str) -> str | None:
     return f"output_dir '{output_dir}': {problem}" if problem else None
 
 
-def disk_space_problem(config: PipelineConfig, stages: list[str] | None = None) -> str | None:
-    """The output filesystem has less free space than the run's estimated writes (stages/footprint.py)."""
-    from trainpipe.diskspace import existing_ancestor, free_bytes, human
-    from trainpipe.stages.footprint import estimate
+class SweepCopies(NamedTuple):
+    """How many trials a sweep runs, and how many of them write each stage (the others reuse it)."""
+    trials: int
+    copies: dict[str, int]
 
-    found = estimate(config, stages)
-    if found is None or not found.stages:
-        return None  # a Hub model not cached yet: its size is unknown without a download
-    free = free_bytes(config.output_dir)
-    if free >= found.total:
-        return None
-    return (f"output_dir '{config.output_dir}': its filesystem ({existing_ancestor(config.output_dir)}) has "
-            f"{human(free)} free, and this run will write about {human(found.total)}: "
-            + "; ".join(s.line() for s in found.stages)
-            + ". Free space, point output_dir at a larger disk, or save fewer checkpoints (a larger "
-              "checkpoint_every_n_steps); `--force` starts anyway")
+
+def disk_space_problems(config: PipelineConfig, stages: list[str] | None = None, *, download: bool = True,
+                        sweep: SweepCopies | None = None) -> tuple[list[str], str | None]:
+    """(problems, why the check was skipped). A problem per filesystem with less free space than is
+    estimated to go there (stages/footprint.py): output_dir's gets the stages' writes, the HF cache's
+    the base model's download (`download`: a stage still to run loads it), one filesystem both."""
+    import os
+
+    from trainpipe.diskspace import existing_ancestor, free_bytes, human
+    from trainpipe.stages.footprint import explain
+
+    found, skipped = explain(config, stages, hub=download)
+    if found is None:
+        return [], skipped
+    if sweep:
+        found = found.per_trial(sweep.copies, sweep.trials)
+    what = f"this sweep of {sweep.trials} trials" if sweep else "this run"
+    output = existing_ancestor(config.output_dir)
+    # filesystem -> (directories named, free, needs)
+    places: dict[int, tuple[list[str], int, list[Any]]] = {}
+    if found.stages:
+        places[os.stat(output).st_dev] = ([f"output_dir '{config.output_dir}'"], free_bytes(output), list(found.stages))
+    if download and found.download is not None and found.download.total:
+        cache = existing_ancestor(found.download.where)
+        dirs, free, needs = places.setdefault(os.stat(cache).st_dev, ([], free_bytes(cache), []))
+        dirs.append(f"the HF cache '{found.download.where}'")
+        needs.insert(0, found.download)
+    problems = []
+    for dirs, free, needs in places.values():
+        total = sum(n.total for n in needs)
+        if free >= total:
+            continue
+        writes = any(n is not found.download for n in needs)
+        downloads = any(n is found.download for n in needs)
+        fs = existing_ancestor(output if writes else found.download.where)
+        where = f"{dirs[0]}: its filesystem" if len(dirs) == 1 else f"{' and '.join(dirs)}: their filesystem"
+        verb = "download and write" if writes and downloads else "write" if writes else "download"
+        fixes = []
+        if writes:
+            fixes.append("point output_dir at a larger disk, or save fewer checkpoints (a larger "
+                         "checkpoint_every_n_steps)" + (", or sweep fewer trials" if sweep else ""))
+        if downloads:
+            fixes.append("point HF_HOME (or HF_HUB_CACHE) at a larger disk")
+        problems.append(f"{where} ({fs}) has {human(free)} free, and {what} will {verb} about {human(total)} "
+                        f"there: " + "; ".join(n.line() for n in needs)
+                        + f". Free space, {', or '.join(fixes)}; `--force` starts anyway")
+    return problems, None
 
 
 def ledger_problem(ledger: Ledger) -> str | None:
@@ -178,11 +222,13 @@ def _hub_problem(repo_id: str) -> str | None:
     if constants.HF_HUB_OFFLINE:
         return (f"{where}: not in the local cache ({cache}) and HF_HUB_OFFLINE=1 forbids downloading it; "
                 "set HF_HUB_OFFLINE=0 on a machine with network, or point base_model at a local directory")
-    from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
+    from trainpipe.stages.hub_model import model_info
+
     try:
-        info = HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S, token=hub_token())
+        # With every file's size: the disk estimate (stages/footprint.py) reads this same answer.
+        info = model_info(repo_id)
     except GatedRepoError:
         return f"{where}: the repo is gated; accept its terms on the Hub and set HF_TOKEN"
     except RepositoryNotFoundError:

@@ -71,20 +71,36 @@ def new_sweep_id(prefix: str) -> str:
 
 
 def start(sweep_file: str, *, ledger: Ledger, extra_sets: list[str] | None = None,
-          observer: SweepObserver | None = None, parallel: int = 1) -> SweepResult:
-    """Validate the sweep file (and the base config, its datasets and the preflight), then create the
-    sweep and run its trials, `parallel` at a time. Bad input raises ConfigError before anything is
-    written."""
+          observer: SweepObserver | None = None, parallel: int = 1, force: bool = False) -> SweepResult:
+    """Validate the sweep file (and the base config, its datasets and the preflight, whose disk check
+    counts every trial), then create the sweep and run its trials, `parallel` at a time. Bad input
+    raises ConfigError before anything is written. `force` starts (and starts each trial) even when
+    the disk looks too small."""
     spec, config = load_sweep(sweep_file, extra_sets=extra_sets)
     _check_parallel(spec, parallel, sweep_file)
     preflight.validate_inputs(config)
-    preflight.check(config, ledger)
+    notes = preflight.check(config, ledger, check_disk=not force, sweep=disk_copies(spec, config))
     sweep_id = check_run_id(new_sweep_id(spec.name or f"{config.pipeline_id}-sweep"))
     ledger.create_sweep(sweep_id=sweep_id, sweep_file=str(Path(sweep_file).resolve()),
-                        spec={"sweep": spec.model_dump(mode="json"), "output_dir": config.output_dir})
+                        spec={"sweep": spec.model_dump(mode="json"), "output_dir": config.output_dir, "force": force})
     if spec.strategy != "tpe":
         ledger.add_sweep_trials(sweep_id, _plan(spec, sweep_id))
-    return _drive(ledger, sweep_id, observer or SweepObserver(), parallel=parallel)
+    return _drive(ledger, sweep_id, observer or SweepObserver(), parallel=parallel, notes=notes)
+
+
+def disk_copies(spec: SweepSpec, config: Any) -> preflight.SweepCopies:
+    """How many trials write each stage: one when no swept key touches it or a stage upstream of it
+    (the other trials reuse it through the stage cache), else every trial. `seed` touches them all."""
+    from trainpipe.engine.fingerprint import upstream_stage
+
+    trials = min(trial_count(spec), spec.max_trials)
+    touched = {key.split(".", 1)[0] if key.split(".", 1)[0] in STAGE_ORDER else "*" for key in spec.space}
+    copies: dict[str, int] = {}
+    for stage in STAGE_ORDER:  # upstream first
+        up = upstream_stage(config, stage)
+        varies = bool(touched & {"*", stage}) or (up is not None and copies.get(up, 1) > 1)
+        copies[stage] = trials if varies else 1
+    return preflight.SweepCopies(trials, copies)
 
 
 def resume(sweep_id: str, *, ledger: Ledger, observer: SweepObserver | None = None, parallel: int = 1) -> SweepResult:
@@ -143,10 +159,13 @@ def _plan(spec: SweepSpec, sweep_id: str) -> list[tuple[int, dict[str, Any], str
     return plan
 
 
-def _drive(ledger: Ledger, sweep_id: str, observer: SweepObserver, parallel: int = 1) -> SweepResult:
+def _drive(ledger: Ledger, sweep_id: str, observer: SweepObserver, parallel: int = 1,
+           notes: list[str] | None = None) -> SweepResult:
     sweep = ledger.get_sweep(sweep_id)
     spec = sweep_spec(sweep)
     observer.sweep_created(sweep_id, trial_count(spec))
+    for note in notes or []:
+        observer.note(note)
     if spec.strategy == "tpe":
         interrupted = _ask_and_tell(ledger, sweep_id, spec, observer)
     else:
@@ -228,7 +247,7 @@ def _ask_and_tell(ledger: Ledger, sweep_id: str, spec: SweepSpec, observer: Swee
         row = recorded.get(number)
         if row is None:
             row = {"number": number, "params": dict(trial.params), "run_id": f"{sweep_id}-t{number:03d}",
-                   "state": "running", "objective": None}
+                   "state": "running", "objective": None, "sweep_id": sweep_id}
             ledger.add_sweep_trials(sweep_id, [(number, row["params"], row["run_id"])], claim=True)
         elif not same_params(trial.params, row["params"]):
             raise TrainpipeError(f"sweep {sweep_id}: replaying trial {number} proposed {trial.params}, but the "
@@ -338,8 +357,10 @@ def _run_trial(ledger: Ledger, spec: SweepSpec, row: dict[str, Any], total: int,
     run = ledger.find_run(row["run_id"])
     observer.trial_started(row["number"], total, row["params"], row["run_id"], resumed=run is not None)
     if run is None:
+        # A sweep started with --force starts its trials so too (each trial's own disk check).
+        force = bool(ledger.get_sweep(row["sweep_id"])["spec"].get("force"))
         result = driver.start(spec.base, ledger=ledger, overrides=spec.set + param_overrides(row["params"]),
-                              observer=observer, run_id=row["run_id"])
+                              observer=observer, run_id=row["run_id"], force=force)
         return result.state
     run = liveness.reconcile(ledger, [run], time.time())[0]
     if run["state"] == "interrupted":
