@@ -45,8 +45,7 @@ libmin: $(LIBMIN)/.installed
 
 # The quickstart end to end (gate 3 passing), a SIGKILL/resume, the stage cache, gates 1 and 2 rejecting,
 # on that set (CI runs it beside `make test`; a subset, to keep CI under 20 min).
-LIBMIN_TESTS ?= "tests/test_e2e.py::test_quickstart_cli_end_to_end[avx2]" \
-	"tests/test_resume.py::test_sigkill_after_sft_then_resume_reuses_sft[sqlite]" \
+LIBMIN_TESTS ?= "tests/test_resume.py::test_sigkill_after_sft_then_resume_reuses_sft[sqlite]" \
 	tests/test_sources.py::test_hub_dataset_loads_by_id_offline_with_subset_split_and_revision \
 	tests/test_sources.py::test_preference_shapes_train_dpo \
 	"tests/test_sources.py::test_sharegpt_and_alpaca_train_to_the_same_tokens_and_loss_mask_as_messages" \
@@ -55,8 +54,10 @@ LIBMIN_TESTS ?= "tests/test_e2e.py::test_quickstart_cli_end_to_end[avx2]" \
 	tests/test_gates.py::test_merged_weights_tampered_after_the_merge_fail_equivalence
 # `extended` scenarios CI shows here, beside the main suite, rather than on its critical path: the
 # plain-TRL script does trainpipe's work on the same resolved config; a resumed attempt reuses its
-# tokenized data; a kill mid output rename, then a resume from the stage's final checkpoint.
-LIBMIN_EXTENDED ?= tests/test_benchmark_parity.py \
+# tokenized data; a kill mid output rename, then a resume from the stage's final checkpoint; the
+# quickstart end to end on torch's scalar `default` CPU kernel (the main suite runs it on `avx2`).
+LIBMIN_EXTENDED ?= "tests/test_e2e.py::test_quickstart_cli_end_to_end[default]" \
+	tests/test_benchmark_parity.py \
 	tests/test_data_cache.py::test_resumed_attempt_reuses_tokenized_data_and_ends_bit_identical \
 	tests/test_fault_matrix.py::test_killed_between_the_steps_of_the_output_rename_resumes_bit_identical
 test-libmin: libmin

@@ -186,7 +186,9 @@ def test_parallel_workers_never_train_a_trial_or_a_shared_stage_twice(tmp_path, 
                         objective={"metric": "dpo.rewards/accuracies", "direction": "maximize"})
     overrides = fast_overrides(tmp_path / "out") + ["stages.merge.enabled=false"]
 
-    proc = cli("sweep", str(sweep), "--parallel", "2", *_sets(overrides))
+    # Without a thread count of its own (CI sets one for its two suites side by side).
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = cli("sweep", str(sweep), "--parallel", "2", *_sets(overrides), env=env)
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sweep_id = proc.stdout.split()[1]
@@ -206,6 +208,12 @@ def test_parallel_workers_never_train_a_trial_or_a_shared_stage_twice(tmp_path, 
     assert move["stage"] == "sft" and move["detail"]["source_run"] == trained
     assert move["detail"]["waited_for"] == trained, "the trials did not overlap: nothing was tested"
     assert ledger.stage_leases() == []
+    # Each trial's stages ran on half the cores (as torch itself counted them), not one thread per
+    # core each: two such processes spinning on the same cores ran 13x slower (benchmarks/RESULTS.md).
+    cores = len(os.sched_getaffinity(0))
+    assert f"--parallel 2 on {cores} CPU cores: each trial's stages use {max(1, cores // 2)} thread(s)" in proc.stdout
+    threads = {a["metrics"]["cpu_threads"] for r in runs for a in ledger.attempts(r)}
+    assert threads == {max(1, cores // 2)}, threads
     log = Path(json.loads(cli("sweep-status", sweep_id, "--json", check=True).stdout)["outputs"]["dir"])
     assert (log / "worker-1.log").is_file()
 

@@ -52,6 +52,8 @@ def main(argv: list[str]) -> int:
         memory_fraction = _limit_gpu_memory(ctx.config.gpu_memory_fraction)
         result = importlib.import_module(STAGES[spec.stage]).run(ctx)
         result.metrics["gpu_memory_fraction"] = memory_fraction
+        # As torch ran it: OMP_NUM_THREADS, or one per core (a parallel sweep shares them out).
+        result.metrics["cpu_threads"] = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
         if distributed.world_size() > 1:
             result.metrics["world_size"] = distributed.world_size()
             result.metrics["ddp_backend"] = distributed.SEEN.get("backend")

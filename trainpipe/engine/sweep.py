@@ -176,8 +176,14 @@ def _drive(ledger: Ledger, sweep_id: str, observer: SweepObserver, parallel: int
             if admitted < parallel:
                 observer.note(f"--parallel {parallel}: {admitted} trial(s) at once, as many as fit on the "
                               f"GPU with gpu_memory_fraction {fraction:g} each")
-        workers = _spawn_workers(ledger, sweep_id, admitted - 1)
+        threads_before = os.environ.get("OMP_NUM_THREADS")
+        if admitted == parallel > 1 and not cuda_device_visible():
+            note = share_cpu_threads(parallel)
+            if note:
+                observer.note(note)
+        workers: list[subprocess.Popen] = []
         try:
+            workers = _spawn_workers(ledger, sweep_id, admitted - 1)
             interrupted = _work(ledger, sweep_id, spec, observer)
             # Trials still running elsewhere (this sweep's workers, or a worker another machine started):
             # wait, and take over any whose worker dies.
@@ -187,12 +193,29 @@ def _drive(ledger: Ledger, sweep_id: str, observer: SweepObserver, parallel: int
         finally:
             for proc in workers:
                 proc.wait()
+            if threads_before is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
     if interrupted:
         ledger.set_sweep_state(sweep_id, "interrupted")
         return SweepResult(sweep_id, "interrupted", EXIT_INTERRUPTED, report(ledger, sweep_id))
     result = _finish_if_done(ledger, sweep_id)
     assert result is not None
     return result
+
+
+def share_cpu_threads(parallel: int) -> str | None:
+    """Give each of `parallel` CPU trials its share of the cores, through OMP_NUM_THREADS, which this
+    process's stage workers and sweep workers inherit (torch reads it when it loads). Each stage
+    otherwise starts one OpenMP thread per core, and N such processes spinning on the same cores ran
+    the quickstart 13x slower, not 2x (benchmarks/RESULTS.md, "Parallel CPU trials"). A value the user
+    set is kept. Returns the note to show."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // parallel)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return (f"--parallel {parallel} on {cores} CPU cores: each trial's stages use {threads} thread(s) "
+            "(OMP_NUM_THREADS; set it yourself to choose)")
 
 
 def trials_that_fit(parallel: int, gpu_memory_fraction: float, *, cuda: bool) -> int:
