@@ -89,7 +89,7 @@ def main() -> None:
         if side["work"] != reference["work"]:
             sys.exit(f"{name} did different work than --parallel 1:\n{side['work']}\n{reference['work']}")
     print(f"\n{n} CPU cores; both trials trained: {reference['work'][0]}")
-    print(f"| side | wall s | vs --parallel 1 | torch threads per stage process |\n|---|---|---|---|")
+    print("| side | wall s | vs --parallel 1 | torch threads per stage process |\n|---|---|---|---|")
     for name, side in figures.items():
         print(f"| {name} | {side['wall_s']:.1f} | {side['wall_s'] / reference['wall_s']:.2f}x | {side['threads']} |")
 

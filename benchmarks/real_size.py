@@ -14,7 +14,7 @@ script's wall; each gate check's seconds; peak RSS of each side; disk written pe
 base-model identity (engine/identity.py) on the same model as a local folder: the cost of the
 calls one run makes, hashed every time (before) and hashed once per process (after).
 
-    python benchmarks/real_size.py [--keep DIR] [--set K=V ...]
+    python benchmarks/real_size.py [--rounds N] [--keep DIR] [--set K=V ...]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import os
 import resource
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,10 +120,46 @@ def identity_cost(model_dir: Path) -> str:
             f"{second:.3f} s; per run (2 calls): before {2 * first:.2f} s, after {first + second:.2f} s")
 
 
+def one_round(work: Path, sets: list[str], env: dict[str, str], *, plain_first: bool = False) -> dict:
+    """trainpipe and the plain script once each on the same work; the figures main() prints."""
+    def ours() -> tuple:
+        wall, launched, rss, _ = measured([sys.executable, "-m", "trainpipe.cli.app", "run", "configs/quickstart.yaml",
+                                           "--no-cache", *[a for s in [f"output_dir={work / 'tp'}", *sets]
+                                                           for a in ("--set", s)]], round_env)
+        return wall, rss, phases(round_env["TRAINPIPE_DB"], launched, launched + wall)
+
+    def plain() -> tuple:
+        wall, _, rss, stdout = measured([sys.executable, "benchmarks/plain_trl.py", str(work / "plain"), *sets], round_env)
+        return wall, rss, next(json.loads(line) for line in stdout.splitlines() if "plain_phases" in line)
+
+    work.mkdir(parents=True, exist_ok=True)
+    # A ledger per round: phases() reads the newest run of it.
+    round_env = {**env, "TRAINPIPE_DB": f"sqlite:///{work / 'ledger.db'}"}
+    if plain_first:
+        plain_wall, plain_rss, report = plain()
+        wall, rss, phase = ours()
+    else:
+        wall, rss, phase = ours()
+        plain_wall, plain_rss, report = plain()
+    work_s = sum(s["stage work"] for s in phase["stages"].values())
+    gates_s = sum(s["gate"] for s in phase["stages"].values())
+    return {"wall": wall, "plain_wall": plain_wall, "work_s": work_s, "gates_s": gates_s,
+            "own": wall - work_s - gates_s, "vs_plain": (wall - gates_s) / plain_wall - 1,
+            "start_s": sum(s["process start"] for s in phase["stages"].values()),
+            "plain_work": float(sum(report["plain_phases"][s] for s in ("sft", "merge", "dpo"))),
+            "plain_imports": float(report["plain_phases"]["imports"]), "rss": rss, "plain_rss": plain_rss,
+            "loops": (phase["stages"]["sft"]["trainer loop"], phase["stages"]["dpo"]["trainer loop"]),
+            "plain_loops": (report["train_runtime"]["sft"], report["train_runtime"]["dpo"]),
+            "phase": phase, "plain_phases": report["plain_phases"], "run_dir": next((work / "tp").glob("quickstart-*")),
+            "db": round_env["TRAINPIPE_DB"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the two sides this many times; "
+                        "report medians")
     args = parser.parse_args()
     print(f"load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     work = args.keep or Path(tempfile.mkdtemp(prefix="trainpipe-real-size-"))
@@ -139,37 +176,42 @@ def main() -> None:
                "TRAINPIPE_DB": f"sqlite:///{work / 'ledger.db'}", "TOKENIZERS_PARALLELISM": "false"}
         env.pop("HF_HUB_CACHE", None)
 
-        wall, launched, rss, _ = measured([sys.executable, "-m", "trainpipe.cli.app", "run", "configs/quickstart.yaml",
-                                           "--no-cache", *[a for s in [f"output_dir={work / 'tp'}", *sets]
-                                                           for a in ("--set", s)]], env)
-        phase = phases(env["TRAINPIPE_DB"], launched, launched + wall)
-        run_dir = next((work / "tp").glob("quickstart-*"))
-        plain_wall, _, plain_rss, stdout = measured([sys.executable, "benchmarks/plain_trl.py", str(work / "plain"),
-                                                     *sets], env)
-        plain = next(json.loads(line) for line in stdout.splitlines() if "plain_phases" in line)
-
-        work_s = sum(s["stage work"] for s in phase["stages"].values())
-        gates_s = sum(s["gate"] for s in phase["stages"].values())
-        own = wall - work_s - gates_s
+        rounds = []
+        for index in range(args.rounds):
+            # Alternate which side goes first: the box's speed drifts by ~10% over minutes.
+            rounds.append(one_round(work / f"round{index}", sets, env, plain_first=index % 2 == 1))
+            r = rounds[-1]
+            print(f"round {index + 1}{' (plain first)' if index % 2 else ''}: trainpipe {r['wall']:.1f} s "
+                  f"(work {r['work_s']:.1f}, gates {r['gates_s']:.1f}, own {r['own']:.1f}), plain {r['plain_wall']:.1f} s; "
+                  f"without gates {100 * r['vs_plain']:+.1f}%; trainer loops sft/dpo {r['loops'][0]:.1f}/{r['loops'][1]:.1f} "
+                  f"vs {r['plain_loops'][0]:.1f}/{r['plain_loops'][1]:.1f} s", flush=True)
+        r = rounds[-1] if len(rounds) == 1 else {k: (statistics.median(x[k] for x in rounds)
+                                                     if isinstance(rounds[0][k], float) else rounds[-1][k])
+                                                 for k in rounds[0]}
+        if len(rounds) > 1:
+            for key in ("loops", "plain_loops"):
+                r[key] = tuple(statistics.median(x[key][i] for x in rounds) for i in range(2))
+            print(f"\nmedians of {len(rounds)} rounds (peak RSS, phases, gate checks and disk: the last round):")
+        wall, plain_wall, work_s, gates_s, own = r["wall"], r["plain_wall"], r["work_s"], r["gates_s"], r["own"]
         print(f"\n| | trainpipe | plain TRL |\n|---|---|---|\n| wall | {wall:.1f} s | {plain_wall:.1f} s |")
-        print(f"| stages' work | {work_s:.1f} s | {sum(plain['plain_phases'][s] for s in ('sft', 'merge', 'dpo')):.1f} s |")
+        print(f"| stages' work | {work_s:.1f} s | {r['plain_work']:.1f} s |")
         print(f"| gates | {gates_s:.1f} s | - |")
         print(f"| own overhead (wall - work - gates) | {own:.1f} s = **{100 * own / plain_wall:.1f}%** of plain | - |")
         # The plain script pays its imports inside its wall too; trainpipe pays them as the first stage
         # process's start. So the like-for-like comparison is the whole wall without the gates.
-        start_s = sum(s["process start"] for s in phase["stages"].values())
-        print(f"| imports (trainpipe: stage process starts) | {start_s:.1f} s | {plain['plain_phases']['imports']:.1f} s |")
-        print(f"| wall without the gates | {wall - gates_s:.1f} s = **{100 * ((wall - gates_s) / plain_wall - 1):+.1f}%** "
+        print(f"| imports (trainpipe: stage process starts) | {r['start_s']:.1f} s | {r['plain_imports']:.1f} s |")
+        print(f"| wall without the gates | {wall - gates_s:.1f} s = **{100 * r['vs_plain']:+.1f}%** "
               f"against plain | {plain_wall:.1f} s |")
-        print(f"| peak RSS (largest process) | {rss:.2f} GB | {plain_rss:.2f} GB |")
-        print(f"| trainer loop sft/dpo | {phase['stages']['sft']['trainer loop']:.1f} / "
-              f"{phase['stages']['dpo']['trainer loop']:.1f} s | {plain['train_runtime']['sft']:.1f} / "
-              f"{plain['train_runtime']['dpo']:.1f} s |")
+        print(f"| peak RSS (largest process) | {r['rss']:.2f} GB | {r['plain_rss']:.2f} GB |")
+        print(f"| trainer loop sft/dpo | {r['loops'][0]:.1f} / {r['loops'][1]:.1f} s | {r['plain_loops'][0]:.1f} / "
+              f"{r['plain_loops'][1]:.1f} s |")
+        phase, run_dir = rounds[-1]["phase"], rounds[-1]["run_dir"]
         print(f"\nphases: {json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in phase.items() if k != 'stages'})}")
         for stage, values in phase["stages"].items():
             print(f"  {stage}: " + ", ".join(f"{k} {v:.2f} s" for k, v in values.items()))
+        print(f"  plain: {json.dumps(rounds[-1]['plain_phases'])}")
         print("\n| gate check | stage | seconds |\n|---|---|---|")
-        for stage, name, seconds in gate_checks(env["TRAINPIPE_DB"]):
+        for stage, name, seconds in gate_checks(rounds[-1]["db"]):
             print(f"| {name} | {stage} | {seconds:.2f} |")
         print("\n| disk written | GB |\n|---|---|")
         for label, path in (("sft adapter", run_dir / "sft"), ("sft checkpoints", run_dir / ".work/sft/checkpoints"),

@@ -129,6 +129,10 @@ def test_a_sweep_is_checked_for_all_its_trials_and_force_starts_it(small_fs, tmp
         assert not (disk / "out").exists()
 
         # --force: the sweep is created and its first trial starts; stopped there (Ctrl-C), not trained out.
+        # On a disk too small for even one trial: the trial's own preflight would refuse it, unless
+        # it inherits the sweep's --force.
+        small_fs(str(int(per_run * 0.5)))
+        assert preflight.disk_space_problems(load_config(QUICKSTART, overrides=overrides))[0]  # a run does not fit
         started = subprocess.Popen([sys.executable, "-m", "trainpipe.cli.app", "sweep", str(sweep), "--force",
                                     "--db", db_url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
@@ -140,6 +144,8 @@ def test_a_sweep_is_checked_for_all_its_trials_and_force_starts_it(small_fs, tmp
         sweeps = ledger.list_sweeps()
         assert len(sweeps) == 1, output
         assert ledger.get_sweep(sweeps[0]["sweep_id"])["spec"]["force"] is True
+        (trial_run,) = ledger.list_runs(limit=None)
+        assert trial_run["run_id"] == ledger.sweep_trials(sweeps[0]["sweep_id"])[0]["run_id"], output
         assert "will write about" not in output, output
     finally:
         ledger.close()

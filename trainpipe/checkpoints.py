@@ -20,10 +20,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def hash_tree(root: Path) -> list[tuple[str, int, str]]:
+def sha256_files(paths: list[Path], threads: int | None = None) -> list[str]:
+    """sha256 of each path, in order, on several threads (hashlib and file reads release the GIL). A
+    merged model's shards are most of what a stage writes, and one core hashes ~1.5 GB/s: a 70B
+    model's 140 GB would take minutes on one thread (benchmarks/hashing.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if threads is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = min(8, cores)
+    if threads <= 1 or len(paths) <= 1:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
+def hash_tree(root: Path, threads: int | None = None) -> list[tuple[str, int, str]]:
     """(path relative to root, size, sha256) for every file, sorted."""
-    return [(str(p.relative_to(root)), p.stat().st_size, sha256_file(p))
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    paths = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    return [(str(p.relative_to(root)), p.stat().st_size, digest)
+            for p, digest in zip(paths, sha256_files(paths, threads))]
 
 
 def rng_files(world_size: int) -> list[str]:

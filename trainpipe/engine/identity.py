@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from trainpipe.checkpoints import sha256_file
+from trainpipe.checkpoints import sha256_file, sha256_files
 from trainpipe.stages.sources import identity as dataset_identity
 
 __all__ = ["base_model_identity", "cuda_device_visible", "dataset_identity", "digest", "gpu_name", "nproc_per_node",
@@ -42,7 +42,7 @@ def base_model_identity(name: str) -> dict[str, Any]:
     local = Path(name).expanduser()
     if local.is_dir():
         files = sorted(p for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts)
-        return {"local": digest([(str(p.relative_to(local)), _unchanged_file_hash(p)) for p in files])}
+        return {"local": digest(list(zip([str(p.relative_to(local)) for p in files], _unchanged_file_hashes(files))))}
     return {"hub": name, "revision": _hub_revision(name)}
 
 
@@ -52,12 +52,14 @@ def base_model_identity(name: str) -> dict[str, Any]:
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
-def _unchanged_file_hash(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = sha256_file(path)
-    return _FILE_HASHES[key]
+def _unchanged_file_hashes(paths: list[Path]) -> list[str]:
+    keys = []
+    for path in paths:
+        stat = path.stat()
+        keys.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+    todo = [(key, path) for key, path in zip(keys, paths) if key not in _FILE_HASHES]
+    _FILE_HASHES.update(zip([key for key, _ in todo], sha256_files([path for _, path in todo])))
+    return [_FILE_HASHES[key] for key in keys]
 
 
 def _hub_revision(repo_id: str) -> str | None:

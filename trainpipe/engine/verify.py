@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainpipe.checkpoints import sha256_file
+from trainpipe.checkpoints import sha256_files
 from trainpipe.paths import check_run_id
 
 if TYPE_CHECKING:
@@ -16,15 +16,18 @@ if TYPE_CHECKING:
 def verify_run(ledger: LedgerReader, run_id: str) -> dict[str, Any]:
     run = ledger.get_run(check_run_id(run_id))
     files = []
-    for row in ledger.artifacts(run["run_id"]):
+    rows = ledger.artifacts(run["run_id"])
+    present = [Path(row["path"]) for row in rows if Path(row["path"]).is_file()]
+    digests = dict(zip(present, sha256_files(present)))
+    for row in rows:
         path = Path(row["path"])
         entry = {"stage": row["stage"], "path": row["path"], "size_bytes": row["size_bytes"],
                  "sha256": row["sha256"], "status": "ok", "detail": None}
-        if not path.is_file():
+        if path not in digests:
             entry.update(status="missing", detail="no such file")
         else:
             size = path.stat().st_size
-            digest = sha256_file(path)
+            digest = digests[path]
             if digest != row["sha256"]:
                 entry.update(status="changed", detail=f"sha256 {digest[:12]}... (recorded {row['sha256'][:12]}...), "
                                                       f"{size} bytes (recorded {row['size_bytes']})")
