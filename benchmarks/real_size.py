@@ -200,6 +200,10 @@ def main() -> None:
         # The plain script pays its imports inside its wall too; trainpipe pays them as the first stage
         # process's start. So the like-for-like comparison is the whole wall without the gates.
         print(f"| imports (trainpipe: stage process starts) | {r['start_s']:.1f} s | {r['plain_imports']:.1f} s |")
+        # Any script pays the torch/transformers/trl imports; what trainpipe adds is the rest.
+        beyond = own - r["plain_imports"]
+        print(f"| own overhead beyond the imports plain pays too (own - plain's imports) | {beyond:.1f} s = "
+              f"**{100 * beyond / plain_wall:.1f}%** of plain | - |")
         print(f"| wall without the gates | {wall - gates_s:.1f} s = **{100 * r['vs_plain']:+.1f}%** "
               f"against plain | {plain_wall:.1f} s |")
         print(f"| peak RSS (largest process) | {r['rss']:.2f} GB | {r['plain_rss']:.2f} GB |")
