@@ -145,6 +145,8 @@ def one_round(work: Path, sets: list[str], env: dict[str, str], *, plain_first: 
     gates_s = sum(s["gate"] for s in phase["stages"].values())
     return {"wall": wall, "plain_wall": plain_wall, "work_s": work_s, "gates_s": gates_s,
             "own": wall - work_s - gates_s, "vs_plain": (wall - gates_s) / plain_wall - 1,
+            "worker_imports": phase["worker imports"],
+            "own_beyond_imports": wall - work_s - gates_s - phase["worker imports"],
             "start_s": sum(s["process start"] for s in phase["stages"].values()),
             "plain_work": float(sum(report["plain_phases"][s] for s in ("sft", "merge", "dpo"))),
             "plain_imports": float(report["plain_phases"]["imports"]), "rss": rss, "plain_rss": plain_rss,
@@ -182,7 +184,8 @@ def main() -> None:
             rounds.append(one_round(work / f"round{index}", sets, env, plain_first=index % 2 == 1))
             r = rounds[-1]
             print(f"round {index + 1}{' (plain first)' if index % 2 else ''}: trainpipe {r['wall']:.1f} s "
-                  f"(work {r['work_s']:.1f}, gates {r['gates_s']:.1f}, own {r['own']:.1f}), plain {r['plain_wall']:.1f} s; "
+                  f"(work {r['work_s']:.1f}, gates {r['gates_s']:.1f}, own {r['own']:.1f}, of which imports "
+                  f"{r['worker_imports']:.1f}), plain {r['plain_wall']:.1f} s (imports {r['plain_imports']:.1f}); "
                   f"without gates {100 * r['vs_plain']:+.1f}%; trainer loops sft/dpo {r['loops'][0]:.1f}/{r['loops'][1]:.1f} "
                   f"vs {r['plain_loops'][0]:.1f}/{r['plain_loops'][1]:.1f} s", flush=True)
         r = rounds[-1] if len(rounds) == 1 else {k: (statistics.median(x[k] for x in rounds)
@@ -201,9 +204,9 @@ def main() -> None:
         # process's start. So the like-for-like comparison is the whole wall without the gates.
         print(f"| imports (trainpipe: stage process starts) | {r['start_s']:.1f} s | {r['plain_imports']:.1f} s |")
         # Any script pays the torch/transformers/trl imports; what trainpipe adds is the rest.
-        beyond = own - r["plain_imports"]
-        print(f"| own overhead beyond the imports plain pays too (own - plain's imports) | {beyond:.1f} s = "
-              f"**{100 * beyond / plain_wall:.1f}%** of plain | - |")
+        print(f"| of which the worker's imports (worker.log) | {r['worker_imports']:.1f} s | - |")
+        print(f"| own overhead beyond those imports | {r['own_beyond_imports']:.1f} s = "
+              f"**{100 * r['own_beyond_imports'] / plain_wall:.1f}%** of plain | - |")
         print(f"| wall without the gates | {wall - gates_s:.1f} s = **{100 * r['vs_plain']:+.1f}%** "
               f"against plain | {plain_wall:.1f} s |")
         print(f"| peak RSS (largest process) | {r['rss']:.2f} GB | {r['plain_rss']:.2f} GB |")

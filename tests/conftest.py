@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -194,3 +195,24 @@ def small_fs(tmp_path):
     yield mount
     if mounted:
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+@pytest.fixture
+def trainpipe(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """The console script's own `main()`, in this process: a subprocess costs ~1 s of imports, and
+    mocks (the Hub's, tests/test_disk_estimate.py) hold only here. Returns a CompletedProcess-like
+    result, so the same assertions serve both."""
+    from trainpipe.cli.app import main
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["trainpipe", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(["trainpipe", *args], code, captured.out, captured.err)
+
+    return call

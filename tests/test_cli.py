@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from trainpipe.cli.app import app, main
+from trainpipe.cli.app import app
 from trainpipe.engine.machine import next_state
 from trainpipe.store.ledger import Ledger
 
@@ -34,25 +34,6 @@ def assert_clean_usage_error(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proc.stderr.startswith("error: "), proc.stderr
-
-
-@pytest.fixture
-def trainpipe(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
-    """The console script's own `main()`, in this process (a subprocess costs ~1 s of imports).
-
-    Returns a CompletedProcess-like result, so the same assertions serve both."""
-    def call(*args: str) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["trainpipe", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(["trainpipe", *args], code, captured.out, captured.err)
-
-    return call
 
 
 def fsm(kind: str, trigger: str):

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -109,25 +107,6 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
     hub_model.forget()
     yield fake
     hub_model.forget()
-
-
-@pytest.fixture
-def trainpipe(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
-    """The console script's `main()` in this process (as tests/test_cli.py does), so the mocks hold."""
-    from trainpipe.cli.app import main
-
-    def call(*args: str) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["trainpipe", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(["trainpipe", *args], code, captured.out, captured.err)
-
-    return call
 
 
 def run_rows(db_url: str) -> list[dict]:

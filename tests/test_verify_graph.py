@@ -21,6 +21,12 @@ def test_verify_reports_changed_and_vanished_artifacts(tmp_path: Path, db_url: s
     (run,) = ledger.list_runs()
     artifacts = ledger.artifacts(run["run_id"])
     assert len(artifacts) >= 2
+    # The stage process hashed its output beside its gate, and those are the hashes recorded.
+    run_dir = Path(ledger.get_run(run["run_id"])["run_dir"])
+    result = json.loads((run_dir / ".work" / "sft" / "result-1.json").read_text())
+    output = Path(result["output_path"])
+    assert sorted((str(output / rel), size, digest) for rel, size, digest, _ in result["output_files"]) == sorted(
+        (a["path"], a["size_bytes"], a["sha256"]) for a in artifacts)
 
     clean = cli("verify", run["run_id"], "--db", db_url)
     assert clean.returncode == 0, clean.stdout + clean.stderr
@@ -94,3 +100,38 @@ def test_gpu_memory_fraction_is_recorded_per_attempt(tmp_path: Path, db_url: str
     (attempt,) = Ledger(db_url).attempts(run["run_id"])
     # Applied (and so recorded) only where there is CUDA memory to cap.
     assert attempt["metrics"]["gpu_memory_fraction"] == (0.5 if torch.cuda.is_available() else None)
+
+
+def test_output_hashes_from_the_stage_are_used_only_for_files_unchanged_since(tmp_path: Path) -> None:
+    """The orchestrator records the hashes the stage process computed beside its gate, unless a file
+    was added, changed or removed after they were computed: then it hashes the output itself."""
+    import os
+
+    from trainpipe.checkpoints import sha256_file
+    from trainpipe.engine.stage_attempt import _output_hashes
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a.safetensors", "b.json"):
+        (out / name).write_bytes(os.urandom(4096))
+
+    def reported(digests: dict[str, str]) -> dict:
+        return {"output_path": str(out), "output_files": [
+            [name, (out / name).stat().st_size, digests[name], (out / name).stat().st_mtime_ns] for name in digests]}
+
+    # Unchanged files: the reported hashes are taken as they are, without reading the files (a wrong
+    # digest shows that they were not recomputed).
+    planted = {"a.safetensors": "0" * 64, "b.json": sha256_file(out / "b.json")}
+    assert _output_hashes(reported(planted)) == [("a.safetensors", 4096, "0" * 64), ("b.json", 4096, planted["b.json"])]
+
+    # A file rewritten after hashing (same size, new mtime): everything is hashed here.
+    stale = reported(planted)
+    (out / "a.safetensors").write_bytes(os.urandom(4096))
+    os.utime(out / "a.safetensors", ns=(stale["output_files"][0][3] + 10**9,) * 2)
+    assert dict((rel, d) for rel, _, d in _output_hashes(stale))["a.safetensors"] == sha256_file(out / "a.safetensors")
+
+    # A file added after hashing, and a report that is missing: hashed here too.
+    fresh = reported({name: sha256_file(out / name) for name in ("a.safetensors", "b.json")})
+    (out / "c.txt").write_text("late")
+    assert [rel for rel, _, _ in _output_hashes(fresh)] == ["a.safetensors", "b.json", "c.txt"]
+    assert [rel for rel, _, _ in _output_hashes({"output_path": str(out)})] == ["a.safetensors", "b.json", "c.txt"]

@@ -66,6 +66,8 @@ PRELOAD: dict[str, tuple[str, ...]] = {
 }
 
 
+IMPORTS_LOGGED = "worker: preloaded the stage libraries in"
+
 # Run by a throwaway interpreter, which may initialise CUDA since nothing forks from it.
 CAPABILITY_QUERY = ("import json, torch; print(json.dumps([torch.cuda.get_device_capability(i) "
                     "for i in range(torch.cuda.device_count())]))")
@@ -182,7 +184,11 @@ def main(argv: list[str]) -> int:
     # Move everything imported so far out of the collector's reach (Python docs, gc.freeze): a child's
     # collections then neither walk ~4,000 modules' objects nor copy their pages on write.
     gc.freeze()
-    _send(channel, {"ready": True, "import_s": round(time.perf_counter() - started, 2)})
+    import_s = round(time.perf_counter() - started, 2)
+    # Into the run's .work/worker.log: benchmarks/overhead.py separates these imports, which any
+    # training script pays, from trainpipe's own overhead.
+    print(f"{IMPORTS_LOGGED} {import_s:.2f} s", flush=True)
+    _send(channel, {"ready": True, "import_s": import_s})
     requests = channel.makefile("r", encoding="utf-8")
     for line in requests:
         request = json.loads(line)

@@ -207,7 +207,7 @@ def _validate(ledger: Ledger, run_id: str, config: PipelineConfig, name: str, at
         ledger.transition_stage(run_id, name, "reject", advance("stage", "reject"), detail={"failed_checks": failed})
         observer.stage_finished(name, "rejected", metrics, gate, f"gate {gate.gate} failed: {failed}")
         return StageEnd("rejected", f"gate {gate.gate} failed: {failed}", gate)
-    files = checkpoints.hash_tree(Path(result["output_path"]))
+    files = _output_hashes(result)
     ledger.record_artifacts(run_id, name, [(str(Path(result["output_path"]) / rel), size, digest)
                                            for rel, size, digest in files])
     ledger.close_attempt(attempt_id, "passed", exit_code=outcome.exit_code, metrics=attempt_metrics)
@@ -219,6 +219,22 @@ def _validate(ledger: Ledger, run_id: str, config: PipelineConfig, name: str, at
         shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
     observer.stage_finished(name, "passed", metrics, gate, None)
     return StageEnd("passed", None, gate)
+
+
+def _output_hashes(result: dict[str, Any]) -> list[tuple[str, int, str]]:
+    """(path relative to the output, size, sha256) of each output file. The stage process hashed them
+    beside its gate (attempt/worker.py); those hashes are used when the output holds exactly those
+    files, each with the size and mtime it had when hashed. Otherwise (a file added, changed or
+    gone since, or no hashes reported) the output is hashed here."""
+    root = Path(result["output_path"])
+    reported = result.get("output_files")
+    if reported:
+        now = {str(p.relative_to(root)): p.stat() for p in root.rglob("*")
+               if p.is_file() and p.name != checkpoints.MANIFEST}
+        if set(now) == {rel for rel, *_ in reported} and all(
+                now[rel].st_size == size and now[rel].st_mtime_ns == mtime_ns for rel, size, _, mtime_ns in reported):
+            return sorted((rel, size, digest) for rel, size, digest, _ in reported)
+    return checkpoints.hash_tree(root)
 
 
 def _metric_rows(history: list[dict[str, Any]]) -> list[tuple[int, str, Any]]:
