@@ -10,7 +10,8 @@ the 151936-row embedding) stands in, with its special-token ids written into the
 Both sides run the same short workload (`WORKLOAD`, plus any --set): a few steps, short sequences,
 4 eval prompts. Reported: wall of each side; trainpipe's own overhead (wall minus the stages' work
 and the gates: CLI, checks, hashing, ledger, process starts, exports) as a share of the plain
-script's wall; each gate check's seconds; peak RSS of each side; disk written per stage. Then the
+script's wall, also without the stage worker's imports (its .work/worker.log line), which the plain
+script pays inside its wall too; with --rounds N, each round and the medians; each gate check's seconds; peak RSS of each side; disk written per stage. Then the
 base-model identity (engine/identity.py) on the same model as a local folder: the cost of the
 calls one run makes, hashed every time (before) and hashed once per process (after).
 
