@@ -93,10 +93,12 @@ def phases(db_url: str, launched: float, ended: float) -> dict[str, Any]:
     result["ledger between stages"] = between
     # The pre-imported worker's imports (part of the first stage's process start): any training
     # script pays them, so real_size.py sets them apart from trainpipe's own overhead.
+    from trainpipe.attempt.zygote import IMPORTS_LOGGED
+
     worker_log = Path(run["run_dir"]) / ".work" / "worker.log"
     logged = [float(line.split()[-2]) for line in (worker_log.read_text(encoding="utf-8").splitlines()
                                                    if worker_log.is_file() else [])
-              if line.startswith("worker: preloaded the stage libraries in")]
+              if line.startswith(IMPORTS_LOGGED)]
     result["worker imports"] = sum(logged)
     result["exports + summary at the end"] = ended - previous_end
     return result

@@ -27,14 +27,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from trainpipe.cpus import usable_cores  # noqa: E402
+from trainpipe.store.ledger import Ledger  # noqa: E402
+
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 FAST = ["sft.max_steps=12", "dpo.max_steps=6", "checkpoint_every_n_steps=4", "validation.max_loss=6.5",
         "validation.checks.output_format_valid.severity=warn", "validation.checks.loss_went_down.severity=warn",
         "validation.max_new_tokens=32"]
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def run_side(work: Path, parallel: int, threads: str | None, sets: list[str]) -> dict:
@@ -55,9 +55,6 @@ def run_side(work: Path, parallel: int, threads: str | None, sets: list[str]) ->
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         sys.exit(f"sweep failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    sys.path.insert(0, str(REPO))
-    from trainpipe.store.ledger import Ledger
-
     ledger = Ledger(env["TRAINPIPE_DB"])
     sweep_id = proc.stdout.split()[1]
     trials = ledger.sweep_trials(sweep_id)
@@ -74,7 +71,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="the quickstart as shipped, not the tests' short settings")
     args = parser.parse_args()
     sets = [] if args.full else FAST
-    n = cores()
+    n = usable_cores()
     sides = {"--parallel 1": (1, None),
              f"--parallel 2, OMP_NUM_THREADS={n} (each trial every core)": (2, str(n)),
              "--parallel 2 (trainpipe shares the cores out)": (2, None)}

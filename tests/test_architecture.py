@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "trainpipe"
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("trainpipe.errors", "trainpipe.paths", "trainpipe.versions", "trainpipe.faults",
                     "trainpipe.diskspace", "trainpipe.failures", "trainpipe.checkpoints", "trainpipe.credentials",
-                    "trainpipe.humanize")),
+                    "trainpipe.humanize", "trainpipe.cpus")),
     ("config and store", ("trainpipe.config", "trainpipe.store")),
     ("stages", ("trainpipe.stages",)),
     ("gates", ("trainpipe.validators",)),

@@ -26,18 +26,23 @@ def sha256_files(paths: list[Path], threads: int | None = None) -> list[str]:
     model's 140 GB would take minutes on one thread (benchmarks/hashing.py)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    if threads is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = min(8, cores)
+    from trainpipe.cpus import usable_cores
+
+    threads = threads or min(8, usable_cores())
     if threads <= 1 or len(paths) <= 1:
         return [sha256_file(p) for p in paths]
     with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
         return list(pool.map(sha256_file, paths))
 
 
+def tree_files(root: Path) -> list[Path]:
+    """Every file under root that a hash of the tree covers (all but a checkpoint's manifest), sorted."""
+    return [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST]
+
+
 def hash_tree(root: Path, threads: int | None = None) -> list[tuple[str, int, str]]:
     """(path relative to root, size, sha256) for every file, sorted."""
-    paths = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    paths = tree_files(root)
     return [(str(p.relative_to(root)), p.stat().st_size, digest)
             for p, digest in zip(paths, sha256_files(paths, threads))]
 

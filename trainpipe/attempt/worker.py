@@ -101,13 +101,15 @@ def _hash_beside_the_gate(output_path: str) -> Any:
     ~0.8 s after the gate, at 70B ~140 GB."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from trainpipe.checkpoints import MANIFEST, hash_tree
+    from trainpipe.checkpoints import sha256_files, tree_files
 
     def hashed() -> list[list[Any]]:
         root = Path(output_path)
-        before = {str(p.relative_to(root)): p.stat() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST}
-        return [[rel, size, digest, before[rel].st_mtime_ns] for rel, size, digest in hash_tree(root)
-                if rel in before and before[rel].st_size == size]
+        paths = tree_files(root)
+        # Stat before reading: a file written to while it is hashed has a newer mtime than recorded.
+        stats = [p.stat() for p in paths]
+        return [[str(p.relative_to(root)), st.st_size, digest, st.st_mtime_ns]
+                for p, st, digest in zip(paths, stats, sha256_files(paths))]
 
     pool = ThreadPoolExecutor(max_workers=1)
     future = pool.submit(hashed)

@@ -96,7 +96,9 @@ def nproc_per_node(launcher: Mapping[str, Any]) -> int:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         gpus = len(list(Path("/proc/driver/nvidia/gpus").glob("*")))
         return max(1, len([d for d in visible.split(",") if d.strip()]) if visible else gpus)
-    return max(1, len(os.sched_getaffinity(0)))
+    from trainpipe.cpus import usable_cores
+
+    return usable_cores()
 
 
 def gpu_name() -> str | None:

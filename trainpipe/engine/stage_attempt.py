@@ -229,8 +229,7 @@ def _output_hashes(result: dict[str, Any]) -> list[tuple[str, int, str]]:
     root = Path(result["output_path"])
     reported = result.get("output_files")
     if reported:
-        now = {str(p.relative_to(root)): p.stat() for p in root.rglob("*")
-               if p.is_file() and p.name != checkpoints.MANIFEST}
+        now = {str(p.relative_to(root)): p.stat() for p in checkpoints.tree_files(root)}
         if set(now) == {rel for rel, *_ in reported} and all(
                 now[rel].st_size == size and now[rel].st_mtime_ns == mtime_ns for rel, size, _, mtime_ns in reported):
             return sorted((rel, size, digest) for rel, size, digest, _ in reported)

@@ -211,7 +211,9 @@ def share_cpu_threads(parallel: int) -> str | None:
     set is kept. Returns the note to show."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from trainpipe.cpus import usable_cores
+
+    cores = usable_cores()
     threads = max(1, cores // parallel)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     return (f"--parallel {parallel} on {cores} CPU cores: each trial's stages use {threads} thread(s) "
