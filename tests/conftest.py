@@ -216,3 +216,24 @@ def trainpipe(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
         return subprocess.CompletedProcess(["trainpipe", *args], code, captured.out, captured.err)
 
     return call
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Path:
+    """The one-host Slurm cluster `.ci/start-slurm` started (SLURM_CONF names its slurm.conf). Without
+    one the Slurm tests skip, saying why; under CI=true they fail instead: CI must run them."""
+    conf = os.environ.get("SLURM_CONF")
+    reason = None
+    if not conf or not Path(conf).is_file():
+        reason = "no Slurm cluster: `eval \"$(.ci/start-slurm --env)\"` starts one and sets SLURM_CONF"
+    elif shutil.which("sinfo") is None:
+        reason = "sinfo is not on PATH (Debian's slurm-wlm; .ci/start-slurm installs it)"
+    else:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0 or not proc.stdout.strip():
+            reason = f"the Slurm cluster at {conf} does not answer: {(proc.stderr or proc.stdout).strip()}"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI=true: the Slurm tests must run, not skip)")
+        pytest.skip(reason)
+    return Path(conf)

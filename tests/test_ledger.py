@@ -282,8 +282,9 @@ def test_a_ledger_made_by_release_0_1_0_is_upgraded_on_open(tmp_path: Path) -> N
     finally:
         ledger.close()
     assert alembic_version(url) == [(HEAD,)]
+    # The release recorded its seven steps there; Alembic adds only its marker (later steps are in alembic_version).
     assert raw_rows(url, "SELECT name FROM schema_migrations ORDER BY name") == [
-        (n,) for n in MIGRATION_NAMES] + [("alembic",)]
+        (n,) for n in MIGRATION_NAMES[:7]] + [("alembic",)]
 
     from helpers import cli_json
 

@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     from trainpipe.diskspace import full_disk_message
     from trainpipe.errors import TrainpipeError
     from trainpipe.failures import ENVIRONMENT, USER, classify, describe
-    from trainpipe.stages.training import OtherRankDone, Preempted, install_preemption_handler
+    from trainpipe.stages.training import OtherRankDone, Preempted, install_preemption_handler, stop_at_once
 
     install_preemption_handler()
     spec.fault = spec.fault or faults.stage_fault(spec.stage)
@@ -48,20 +48,24 @@ def main(argv: list[str]) -> int:
     ctx.events.emit("started", pid=os.getpid(), preloaded="trl" in sys.modules)
     result_path = Path(spec.result_path) if main_rank else _rank_result_path(spec)
     try:
-        faults.at_point(spec.fault, "start")
-        memory_fraction = _limit_gpu_memory(ctx.config.gpu_memory_fraction)
-        result = importlib.import_module(STAGES[spec.stage]).run(ctx)
-        result.metrics["gpu_memory_fraction"] = memory_fraction
-        # As torch ran it: OMP_NUM_THREADS, or one per core (a parallel sweep shares them out).
-        result.metrics["cpu_threads"] = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
-        if distributed.world_size() > 1:
-            result.metrics["world_size"] = distributed.world_size()
-            result.metrics["ddp_backend"] = distributed.SEEN.get("backend")
-        faults.tamper_output(spec.fault, result.output_path)
-        faults.at_point(spec.fault, "gate")
-        hashed = _hash_beside_the_gate(result.output_path) if main_rank else None
-        gate = _run_gate(ctx, result)
-        output_files = hashed() if hashed else None
+        # Until the gate is done, a stop request outside a training step stops the stage at once.
+        with stop_at_once():
+            faults.at_point(spec.fault, "start")
+            memory_fraction = _limit_gpu_memory(ctx.config.gpu_memory_fraction)
+            result = importlib.import_module(STAGES[spec.stage]).run(ctx)
+            result.metrics["gpu_memory_fraction"] = memory_fraction
+            # As torch ran it: OMP_NUM_THREADS, or one per core (a parallel sweep shares them out).
+            result.metrics["cpu_threads"] = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+            if distributed.world_size() > 1:
+                result.metrics["world_size"] = distributed.world_size()
+                result.metrics["ddp_backend"] = distributed.SEEN.get("backend")
+                # torchrun's count of the nodes whose agents met (one torchrun per node)
+                result.metrics["torchrun_nodes"] = int(os.environ.get("GROUP_WORLD_SIZE") or 1)
+            faults.tamper_output(spec.fault, result.output_path)
+            faults.at_point(spec.fault, "gate")
+            hashed = _hash_beside_the_gate(result.output_path) if main_rank else None
+            gate = _run_gate(ctx, result)
+            output_files = hashed() if hashed else None
     except OtherRankDone:
         return 0
     except Preempted as exc:

@@ -23,6 +23,15 @@ SftDatasetOption = Annotated[str | None, typer.Option(
 PreferenceDatasetOption = Annotated[str | None, typer.Option(
     "--preference-dataset", help="Preference data, as --sft-dataset (overrides datasets.preference).")]
 
+RunIdOption = Annotated[str | None, typer.Option(
+    "--run-id", help="Run under this id; if it exists, continue it (resume if interrupted, report if finished). "
+                     "Inside a Slurm job the default is PIPELINE-slurm-JOBID, so a requeued job continues its run.",
+    show_default=False)]
+MaxRequeuesOption = Annotated[int | None, typer.Option(
+    "--max-requeues", help="Inside a Slurm job: requeues the job asks for after the scheduler's warning "
+                           "signal (USR2) before it leaves the run interrupted (env TRAINPIPE_MAX_REQUEUES, "
+                           "default 5).", show_default=False)]
+
 # What the last-resort handler in main() can tell about the run it was driving.
 _session: dict[str, str | None] = {"run_id": None}
 
@@ -74,10 +83,14 @@ def run(
                                                    "earlier ones may come from the cache.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Start even if the output filesystem has less free "
                                         "space than the run is estimated to write.")] = False,
+    run_id: RunIdOption = None,
+    max_requeues: MaxRequeuesOption = None,
     db: DbOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Start a new run. Exit codes: 0 ok, 1 stage failed, 2 bad input, 3 gate rejected, 75 disk full
+    """Start a run, or continue it: the same command run again under the same --run-id resumes an
+    interrupted run and reports a finished one. Exit codes: 0 ok, 1 stage failed, 2 bad input (also:
+    the run is owned by a live process, or exists with another config), 3 gate rejected, 75 disk full
     (free space, then resume), 130 interrupted.
 
     A stage whose fingerprint (settings, inputs, versions) matches a stage that passed in an earlier
@@ -89,7 +102,8 @@ def run(
         return
     _drive(lambda ledger, observer: api.run(config, ledger=ledger, overrides=set_ or [], sft_dataset=sft_dataset,
                                             preference_dataset=preference_dataset, observer=observer,
-                                            use_cache=not no_cache, from_stage=from_stage, force=force),
+                                            use_cache=not no_cache, from_stage=from_stage, force=force,
+                                            run_id=run_id, max_requeues=max_requeues),
            _renderer(json_output), db)
 
 
@@ -259,6 +273,50 @@ def join(
     renderer.out.print(f"run {run_id}: {result.run_state}; served {len(result.attempts)} attempt(s)", markup=False)
 
 
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML.")],
+    slurm: Annotated[bool, typer.Option("--slurm", help="Submit to Slurm with sbatch (the scheduler trainpipe "
+                                        "submits to).")] = False,
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes for the job (one task each).")] = 1,
+    gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per node.",
+                                                      show_default=False)] = None,
+    time_limit: Annotated[str | None, typer.Option("--time", help="The job's time limit, HH:MM:SS (sbatch --time).",
+                                                   show_default=False)] = None,
+    partition: Annotated[str | None, typer.Option("--partition", help="Slurm partition.", show_default=False)] = None,
+    account: Annotated[str | None, typer.Option("--account", help="Slurm account.", show_default=False)] = None,
+    max_requeues: MaxRequeuesOption = None,
+    grace: Annotated[int, typer.Option("--grace", help="Seconds of warning (USR2) Slurm gives before the time "
+                                       "limit or a preemption: the stage checkpoints and the job requeues.")] = 300,
+    set_: SetOption = None,
+    sft_dataset: SftDatasetOption = None,
+    preference_dataset: PreferenceDatasetOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the batch script; write and submit nothing.")]
+    = False,
+    force: Annotated[bool, typer.Option("--force", help="Submit even with an SQLite ledger on a network file "
+                                        "system (NFS, Lustre, GPFS).")] = False,
+    db: DbOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Write a batch script for the run into its directory and submit it: the job runs `trainpipe run
+    CONFIG --run-id ID`, checkpoints and requeues itself on Slurm's warning before a time limit or a
+    preemption, and the requeued job continues the run. Prints the job id and the run id."""
+    from trainpipe.engine.submit import SlurmRequest
+    from trainpipe.engine.submit import submit as submit_job
+
+    if not slurm:
+        raise TrainpipeError("give --slurm: Slurm is the scheduler trainpipe submits to",
+                             hint="elsewhere (Kubernetes, SkyPilot) run `trainpipe run CONFIG --run-id ID` as the "
+                                  "job's command (docs/clusters.md)")
+    renderer = _renderer(json_output)
+    request = SlurmRequest(nodes=nodes, gpus_per_node=gpus_per_node, time=time_limit, partition=partition,
+                           account=account, max_requeues=max_requeues, grace_s=grace)
+    done = submit_job(str(config), request=request, overrides=set_ or [], sft_dataset=sft_dataset,
+                      preference_dataset=preference_dataset, db_url=db, dry_run=dry_run, force=force,
+                      note=lambda line: renderer.err.print(line, markup=False))
+    renderer.submission(done)
+
+
 @app.command("sweep-status")
 def sweep_status(
     sweep_id: Annotated[str, typer.Argument(help="Sweep id (printed when the sweep starts).")],
@@ -306,50 +364,6 @@ def ui(
     serve(db, host, port, token, announce=lambda line: print(line, flush=True))
 
 
-def _crash_report(exc: BaseException) -> int:
-    """Last resort for an exception nobody expected (a bug): one screen on stderr, the whole traceback
-    in a log file. Plain writes, no rich: this must work whatever else is broken."""
-    import tempfile
-    import time
-    import traceback
-
-    from trainpipe.paths import home_dir
-
-    text = (f"trainpipe {' '.join(sys.argv[1:])}\nrun: {_session['run_id'] or '-'}\n"
-            f"python {sys.version.split()[0]}\n\n" + "".join(traceback.format_exception(exc)))
-    log_path = None
-    for folder in (home_dir() / "logs", Path(tempfile.gettempdir())):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            candidate = folder / f"trainpipe-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-            candidate.write_text(text, encoding="utf-8")
-            log_path = candidate
-            break
-        except OSError:
-            continue
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    lines = [f"error: unexpected {type(exc).__name__}: {first}"]
-    if _session["run_id"]:
-        lines.append(f"run: {_session['run_id']} (`trainpipe inspect {_session['run_id']}` shows what the ledger "
-                     "recorded)")
-    lines.append(f"full traceback: {log_path}" if log_path else "the traceback could not be written to a log file")
-    lines.append("This is a bug in trainpipe, not in your input: please report it with that file.")
-    sys.stderr.write("\n".join(lines) + "\n")
-    return EXIT_STAGE_FAILED
-
-
-def _disk_report(failure) -> int:
-    from trainpipe.diskspace import full_disk_message
-    from trainpipe.errors import EXIT_ENVIRONMENT
-
-    run_id = _session["run_id"]
-    message = full_disk_message(failure.where or ".", failure.reason or "no space left on device", run_id=run_id)
-    if not run_id:
-        message += "; free space there and run the command again"
-    sys.stderr.write(f"error: {message}\n")
-    return EXIT_ENVIRONMENT
-
-
 def main() -> None:
     # Click's standalone mode handles usage errors (exit 2) and typer.Exit; our own errors become one
     # message and their exit code, and anything else one screen and exit 1: never a traceback.
@@ -361,14 +375,15 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - the last resort; the traceback goes to a file
+        from trainpipe.cli.crash import crash_report, disk_report
         from trainpipe.failures import ENVIRONMENT, classify
 
         failure = classify(exc)
         if failure.kind == ENVIRONMENT:
             # A full disk is not a bug, wherever it surfaced: one message, no crash log (there may be
             # no room for one anyway).
-            sys.exit(_disk_report(failure))
-        sys.exit(_crash_report(exc))
+            sys.exit(disk_report(failure, _session["run_id"]))
+        sys.exit(crash_report(exc, _session["run_id"]))
 
 
 if __name__ == "__main__":

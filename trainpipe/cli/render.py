@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from trainpipe import humanize
+from trainpipe.cli.render_cluster import job_status_line, scheduler_jobs, submission
 
 if TYPE_CHECKING:
     from trainpipe.engine.observer import RunResult
@@ -124,7 +125,10 @@ class Renderer:
             self.out.print(table)
         for row in rows:
             run_id = row["run_id"]
-            if row["state"] == "interrupted":
+            job_line = job_status_line(row)
+            if job_line:
+                self.out.print(job_line, soft_wrap=True)
+            elif row["state"] == "interrupted":
                 self.out.print(f"[yellow]{run_id}[/] is interrupted: resume with [bold]trainpipe resume {run_id}[/]",
                                soft_wrap=True)
             elif row["state"] == "failed":
@@ -140,6 +144,9 @@ class Renderer:
                 else:
                     advice = f"resume with [bold]trainpipe resume {run_id}[/]"
                 self.out.print(f"[red]{run_id}[/] failed{label}: {reason}; {advice}", soft_wrap=True)
+
+    def submission(self, done: Any) -> None:
+        submission(self, done)
 
     def _plain_table(self, headers: tuple[str, ...], cells: list[tuple[str, ...]]) -> None:
         # rich measures every cell of every row; at 10,000 runs that alone takes ~15 s.
@@ -190,6 +197,8 @@ class Renderer:
         # libyaml's emitter where PyYAML has it: the pure-Python one is a tenth of inspect's time.
         dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
         self.out.print(yaml.dump(report["config"], Dumper=dumper, sort_keys=False).rstrip(), markup=False)
+        if report.get("scheduler_jobs"):
+            scheduler_jobs(self.out, report)
         if report.get("lineage") is not None:
             self._lineage(report["run_id"], report["lineage"])
         for stage in report["stages"]:
@@ -342,6 +351,9 @@ class Renderer:
             self.out.print("The disk is full (an environment error): nothing was lost. Free space there "
                            "(or move output_dir to a larger disk), then: "
                            f"[bold]trainpipe resume {result.run_id}[/]", soft_wrap=True)
+        elif result.requeued_job:
+            self.out.print(f"The scheduler requeued job {result.requeued_job}: it runs the same command again "
+                           "and continues this run (`trainpipe status` shows it waiting in the queue)", soft_wrap=True)
         elif result.state in ("interrupted", "failed"):
             self.out.print(f"resume with: [bold]trainpipe resume {result.run_id}[/]", soft_wrap=True)
 

@@ -45,18 +45,18 @@ class LauncherSettings(_Strict):
         if isinstance(value, int) and value < 1:
             raise ValueError(f"nproc_per_node must be >= 1 or 'auto', got {value}")
         return value
-    nnodes: int = Field(1, ge=1, description="Nodes taking part: node 0 runs `trainpipe run`/`resume`, each "
-                        "other node `trainpipe join RUN_ID --node-rank K`, with the run dir on storage "
-                        "all nodes share.")
-    rdzv_endpoint: str | None = Field(None, description="host:port where the ranks meet; required when "
-                                      "nnodes > 1, and then it is node 0's address (torchrun's "
-                                      "master_addr:master_port). With one node: a c10d rendezvous there; "
-                                      "without it, localhost (torchrun --standalone).")
+    nnodes: int = Field(1, ge=1, description="Nodes taking part, with the run dir on storage all nodes share. "
+                        "Inside a Slurm job with a task per node, trainpipe starts the stage on every node "
+                        "with srun. Elsewhere node 0 runs `trainpipe run`/`resume` and each other node "
+                        "`trainpipe join RUN_ID --node-rank K`.")
+    rdzv_endpoint: str | None = Field(None, description="host:port where the ranks meet. With nnodes > 1: node 0's "
+                                      "address (torchrun's master_addr:master_port), required outside a "
+                                      "Slurm allocation; inside one the first node of the allocation is the "
+                                      "host (the port is kept, or derived from the job id). With one node: a "
+                                      "c10d rendezvous there; without it, localhost (torchrun --standalone).")
 
     @model_validator(mode="after")
     def _endpoint_for_many_nodes(self) -> LauncherSettings:
-        if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError(f"rdzv_endpoint (host:port) is required when nnodes > 1 (nnodes is {self.nnodes})")
         if self.rdzv_endpoint is not None and not re.match(r"^\S+:\d{1,5}$", self.rdzv_endpoint):
             raise ValueError(f"rdzv_endpoint must be host:port, got {self.rdzv_endpoint!r}")
         return self

@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,10 @@ def new_run_id(pipeline_id: str) -> str:
 def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = None,
           sft_dataset: str | None = None, preference_dataset: str | None = None,
           observer: Observer | None = None, run_id: str | None = None, use_cache: bool = True,
-          from_stage: str | None = None, cwd: str | None = None, force: bool = False) -> RunResult:
+          from_stage: str | None = None, cwd: str | None = None, force: bool = False,
+          on_claimed: Callable[[str], None] | None = None) -> RunResult:
     """Validate everything, then create and drive a new run. Bad input raises before any write.
+    `on_claimed(run_id)` is called once this process owns the run (engine/rerun.py records its job).
 
     `use_cache=False` trains every stage; `from_stage` trains that stage and every later one, and
     lets earlier ones come from the cache. `force` starts even when the output filesystem looks too
@@ -74,19 +77,26 @@ def start(config_path: str, *, ledger: Ledger, overrides: list[str] | None = Non
     for note in preflight_notes + ineffective_overrides(config, overrides or []):
         observer.note(note)
     ledger.transition_run(run_id, "start", advance("run", "start"), set_owner=True)
+    if on_claimed:
+        on_claimed(run_id)
     return drive(ledger, run_id, observer, fault_point="run:start")
 
 
-def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None, force: bool = False) -> RunResult:
+def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None, force: bool = False,
+           owner_superseded: str | None = None, on_claimed: Callable[[str], None] | None = None) -> RunResult:
     """Continue a run. Refused (EnvironmentChanged, nothing written) when the environment changed in a
-    way that breaks resuming it, unless `force`; what changed is recorded in the `resume` transition."""
+    way that breaks resuming it, unless `force`; what changed is recorded in the `resume` transition.
+    `owner_superseded`: why a `running` run's owner is known to be dead although it may look alive
+    (engine/scheduler.py: an earlier execution of this requeued job); it is taken over at once."""
     worker_mode()
     run = ledger.get_run(check_run_id(run_id))
+    if run["state"] == RunState.RUNNING and owner_superseded and liveness.mark_abandoned(ledger, run, owner_superseded):
+        run = ledger.get_run(run_id)
     run = liveness.reconcile(ledger, [run], time.time())[0]
     state = run["state"]
     if state == RunState.RUNNING:
-        raise RunOwned(f"run {run_id} is owned by pid {run['owner_pid']} on host {run['owner_host']}",
-                       hint="wait for it to finish, or stop that process first")
+        raise RunOwned(f"run {run_id} is owned by pid {run['owner_pid']} on host {run['owner_host']}"
+                       + _job_text(ledger, run_id), hint="wait for it to finish, or stop that process first")
     if state not in RUN_RESUMABLE:
         raise IllegalTransition(f"run {run_id} is {state}; only interrupted or failed runs can be resumed",
                                 hint="start a new run with `trainpipe run`")
@@ -105,9 +115,18 @@ def resume(run_id: str, *, ledger: Ledger, observer: Observer | None = None, for
         raise RunOwned(f"run {run_id} is owned by pid {fresh['owner_pid']} on host {fresh['owner_host']}") from None
     observer = observer or Observer()
     observer.run_created(run_id, run["run_dir"])
+    if on_claimed:
+        on_claimed(run_id)
     for note in env_notes + preflight_notes:
         observer.note(note)
     return drive(ledger, run_id, observer)
+
+
+def _job_text(ledger: Ledger, run_id: str) -> str:
+    jobs = ledger.scheduler_jobs(run_id)
+    if not jobs or jobs[-1]["ended_at"] is not None:
+        return ""
+    return f" ({jobs[-1]['scheduler']} job {jobs[-1]['job_id']}, nodes {jobs[-1]['nodes'] or jobs[-1]['host']})"
 
 
 def drive(ledger: Ledger, run_id: str, observer: Observer, fault_point: str | None = None) -> RunResult:
@@ -129,7 +148,8 @@ def drive(ledger: Ledger, run_id: str, observer: Observer, fault_point: str | No
                     fingerprints[name] = stage_row["fingerprint"]
                     continue
                 if stop.requested:
-                    return finish(ledger, run_id, "interrupt", EXIT_INTERRUPTED, errors, observer)
+                    return finish(ledger, run_id, "interrupt", EXIT_INTERRUPTED, errors, observer,
+                                  stop_reason=stop.reason)
                 if not config.enabled(name):
                     ledger.transition_stage(run_id, name, "skip", advance("stage", "skip"),
                                             detail={"reason": "disabled in config"})
@@ -146,7 +166,8 @@ def drive(ledger: Ledger, run_id: str, observer: Observer, fault_point: str | No
                     if reuse == "cached":
                         continue
                     if reuse == "interrupted":
-                        return finish(ledger, run_id, "interrupt", EXIT_INTERRUPTED, errors, observer)
+                        return finish(ledger, run_id, "interrupt", EXIT_INTERRUPTED, errors, observer,
+                                  stop_reason=stop.reason)
                     try:
                         end = run_stage(ledger, run_id, config, run_dir, name, observer, stop, workers)
                     finally:
@@ -155,7 +176,8 @@ def drive(ledger: Ledger, run_id: str, observer: Observer, fault_point: str | No
                 if end.error:
                     errors.append(f"{name}: {end.error}")
                 if end.state == "interrupted":
-                    return finish(ledger, run_id, "interrupt", EXIT_INTERRUPTED, errors, observer)
+                    return finish(ledger, run_id, "interrupt", EXIT_INTERRUPTED, errors, observer,
+                                  stop_reason=stop.reason)
                 if end.state == "rejected":
                     return finish(ledger, run_id, "reject", EXIT_GATE_REJECTED, errors, observer, end.gate)
                 if end.state == "failed" and end.error_kind == failures.ENVIRONMENT:

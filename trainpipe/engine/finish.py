@@ -17,7 +17,8 @@ from trainpipe.validators.gate import GateOutcome
 
 
 def finish(ledger: Ledger, run_id: str, trigger: str, exit_code: int, errors: list[str], observer: Observer,
-            gate: GateOutcome | None = None, error_kind: str | None = None) -> RunResult:
+            gate: GateOutcome | None = None, error_kind: str | None = None,
+            stop_reason: str | None = None) -> RunResult:
     # The result files are written before the final state, as that state will read: a full disk then
     # leaves a finished run `interrupted`, and its resume writes them, where after `succeeded` nothing could.
     finished_at = time.time()
@@ -35,11 +36,15 @@ def finish(ledger: Ledger, run_id: str, trigger: str, exit_code: int, errors: li
                                         needed=f"they need ~{_exports_size(ledger, run_id, as_if)}"))
         if trigger == "succeed":
             trigger, exit_code, error_kind = "interrupt", EXIT_ENVIRONMENT, failures.ENVIRONMENT
+    detail: dict[str, Any] = {"errors": errors} if errors else {}
+    if stop_reason and trigger == "interrupt":
+        detail["reason"] = stop_reason
     state = ledger.transition_run(run_id, trigger, advance("run", trigger), clear_owner=True,
-                                  detail={"errors": errors} if errors else {}, finished_at=finished_at,
+                                  detail=detail, finished_at=finished_at,
                                   error="; ".join(errors) if errors else None, error_kind=error_kind)
     run = ledger.get_run(run_id)
-    return RunResult(run_id, state, exit_code, run["run_dir"], run["final_model_path"], errors, gate, error_kind)
+    return RunResult(run_id, state, exit_code, run["run_dir"], run["final_model_path"], errors, gate, error_kind,
+                     stop_reason if trigger == "interrupt" else None)
 
 
 def _disk_message(failure: failures.Failure, run_dir: Path, run_id: str, doing: str,

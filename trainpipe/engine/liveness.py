@@ -49,6 +49,12 @@ def mark_if_abandoned(ledger: LedgerReader | Ledger, run: dict[str, Any], now: f
     reason = owner_gone(run, now)
     if reason is None:
         return False
+    return mark_abandoned(ledger, run, reason)
+
+
+def mark_abandoned(ledger: LedgerReader | Ledger, run: dict[str, Any], reason: str) -> bool:
+    """Compare-and-set a `running` run whose owner is known to be dead to `interrupted`, with `reason`;
+    its open attempts and stages fail. True if this call did it."""
     from trainpipe.engine.machine import next_state  # `transitions` too is for the rare write only
     from trainpipe.store.opening import writable
 

@@ -31,6 +31,10 @@ class RunResult:
     errors: list[str] = field(default_factory=list)
     rejected_gate: GateOutcome | None = None
     error_kind: str | None = None  # user, transient or bug when the run failed (trainpipe/failures.py)
+    # Why an interrupted run stopped: preempted (the scheduler's warning, SIGUSR2), terminated (SIGTERM),
+    # interrupted (Ctrl-C); None otherwise (engine/stop.py).
+    stop_reason: str | None = None
+    requeued_job: str | None = None  # the scheduler job that requeued itself to continue the run
 
 
 class StageEnd(NamedTuple):

@@ -42,7 +42,7 @@ def check(config: PipelineConfig, ledger: Ledger, *, needs_base_model: bool = Tr
     output_problem = output_dir_problem(config.output_dir)
     base_problem = base_model_problem(config.base_model) if needs_base_model else None
     problems = [p for p in (output_problem, ledger_problem(ledger), base_problem,
-                            upload_problem(config), *tracker_problems(config)) if p]
+                            upload_problem(config), *tracker_problems(config), *launcher_problems(config)) if p]
     notes = []
     if check_disk and not output_problem and not base_problem:
         found, skipped = disk_space_problems(config, disk_stages, download=needs_base_model, sweep=sweep)
@@ -55,6 +55,28 @@ def check(config: PipelineConfig, ledger: Ledger, *, needs_base_model: bool = Tr
         raise PreflightError(message,
                              hint="nothing was recorded; fix the above and run the same command again")
     return notes
+
+
+def launcher_problems(config: PipelineConfig) -> list[str]:
+    """A stage on several nodes needs somewhere to meet: its rdzv_endpoint, or a Slurm allocation with
+    a task per node (engine/stage_process.py starts it there with srun)."""
+    import os
+
+    from trainpipe.engine.stage_process import slurm_tasks
+
+    problems = []
+    for name in config.run_stages():
+        launcher = getattr(getattr(config, name, None), "launcher", None)
+        if launcher is None or launcher.nnodes <= 1 or launcher.rdzv_endpoint:
+            continue
+        tasks = slurm_tasks(dict(os.environ))
+        if tasks < launcher.nnodes:
+            where = f"this Slurm job has {tasks} task(s)" if tasks else "this is not a Slurm job"
+            problems.append(f"{name}.launcher: nnodes is {launcher.nnodes} without an rdzv_endpoint, and {where}: "
+                            f"set {name}.launcher.rdzv_endpoint=HOST:PORT (node 0's address) or run inside a "
+                            f"Slurm allocation with a task per node (sbatch --nodes={launcher.nnodes} "
+                            "--ntasks-per-node=1)")
+    return problems
 
 
 def output_dir_problem(output_dir: str) -> str | None:

@@ -25,6 +25,7 @@ def status_rows(ledger: LedgerReader, *, show_all: bool = False, limit: int = 20
     runs = ledger.list_runs(limit=None if show_all else limit, offset=offset, **filters)
     runs = settled(ledger, runs, now, mark_abandoned)
     progress = ledger.stage_progress([r["run_id"] for r in runs])
+    jobs = ledger.latest_jobs([r["run_id"] for r in runs])
     rows = []
     for run in runs:
         done, total = progress.get(run["run_id"], (0, 0))
@@ -41,8 +42,19 @@ def status_rows(ledger: LedgerReader, *, show_all: bool = False, limit: int = 20
             "owner": f"pid {run['owner_pid']} on {run['owner_host']}" if run["owner_pid"] else None,
             "error": run["error"],
             "error_kind": run["error_kind"],
+            "job": job_view(run, jobs.get(run["run_id"])),
         })
     return rows
+
+
+def job_view(run: dict[str, Any], job: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The run's newest scheduler job (Slurm) and whether the run waits in its queue: it is
+    interrupted, and that job asked to be requeued."""
+    if job is None:
+        return None
+    return {"scheduler": job["scheduler"], "job_id": job["job_id"], "restart_count": job["restart_count"],
+            "nodes": job["nodes"], "end_reason": job["end_reason"],
+            "queued": run["state"] == "interrupted" and bool(job["requeued"])}
 
 
 def stage_source(stage: dict[str, Any], has_attempts: bool) -> str | None:
@@ -71,6 +83,7 @@ def run_report(ledger: LedgerReader, run_id: str, *, mark_abandoned: bool = True
     checkpoints = ledger.checkpoints(run_id)
     gates = ledger.gates(run_id)
     curves = metric_curves(ledger.metrics(run_id))
+    jobs = ledger.scheduler_jobs(run_id)
     stages = []
     for stage in ledger.stages(run_id):
         name = stage["name"]
@@ -123,6 +136,9 @@ def run_report(ledger: LedgerReader, run_id: str, *, mark_abandoned: bool = True
         "owner": {"pid": run["owner_pid"], "host": run["owner_host"], "heartbeat_at": run["heartbeat_at"],
                   "gone": run.get("owner_gone")},
         "config": run["config_snapshot"],
+        "scheduler_jobs": [{k: j[k] for k in ("scheduler", "job_id", "restart_count", "nodes", "host", "pid",
+                                              "started_at", "ended_at", "end_reason", "requeued")} for j in jobs],
+        "job": job_view(run, jobs[-1] if jobs else None),
         "lineage": lineage_view(run, ledger.artifacts(run_id)),
         "stages": stages,
         "transitions": [{k: t[k] for k in ("id", "stage", "from_state", "to_state", "trigger", "at", "pid",

@@ -73,9 +73,11 @@ class _Spawned(StageProcess):
         signal_group(self._proc.pid, sig)
 
 
-def torchrun_command(launcher: dict[str, Any], spec_path: Path, node_rank: int = 0) -> list[str]:
+def torchrun_command(launcher: dict[str, Any], spec_path: Path, node_rank: int = 0,
+                     master: tuple[str, str] | None = None) -> list[str]:
     """torch.distributed.run (what the `torchrun` script runs) with the stage worker as its module.
-    `node_rank` is 0 for the orchestrator's node and 1..nnodes-1 for `trainpipe join` on the others."""
+    `node_rank` is 0 for the orchestrator's node and 1..nnodes-1 for `trainpipe join` on the others;
+    `master` (host, port) replaces the launcher's rdzv_endpoint (inside a Slurm allocation)."""
     from trainpipe.engine.identity import nproc_per_node
 
     nnodes = int(launcher.get("nnodes") or 1)
@@ -88,7 +90,7 @@ def torchrun_command(launcher: dict[str, Any], spec_path: Path, node_rank: int =
         # Static rendezvous at node 0, with node ranks given, not drawn: c10d numbers nodes in an
         # order of its own, and global rank 0 (which writes the result and runs the gate) must live
         # on the orchestrator's node, whose torchrun then cannot exit before that rank is done.
-        host, port = str(launcher["rdzv_endpoint"]).rsplit(":", 1)
+        host, port = master or str(launcher["rdzv_endpoint"]).rsplit(":", 1)
         command += ["--node_rank", str(node_rank), "--master_addr", host, "--master_port", port]
     elif launcher.get("rdzv_endpoint"):
         command += ["--rdzv_backend", "c10d", "--rdzv_endpoint", str(launcher["rdzv_endpoint"])]
@@ -102,13 +104,70 @@ class Torchrun(_Spawned):
     """torchrun and its ranks. torchrun is the process group leader here; it starts each rank in a
     session of its own and forwards SIGTERM/SIGINT to them (then SIGKILL after its 30 s), and each
     rank dies with torchrun (stages/distributed.py: die_with_launcher). So signalling this group
-    reaches every rank, and its exit code is non-zero if any rank failed."""
+    reaches every rank, and its exit code is non-zero if any rank failed.
+
+    A multi-node stage inside a Slurm allocation with a task per node is started on every node by
+    `srun` (one task per node, each running this module's `--slurm-task`, which turns the task's
+    SLURM_PROCID into torchrun's node rank): nobody starts `trainpipe join`. srun forwards SIGTERM to
+    its tasks, and Slurm ends them all when srun is killed."""
 
     worker = "torchrun"
 
     def __init__(self, launcher: dict[str, Any], spec_path: Path, log_path: Path, env: dict[str, str],
                  node_rank: int = 0):
-        super().__init__(spec_path, log_path, env, command=torchrun_command(launcher, spec_path, node_rank))
+        command = slurm_command(launcher, spec_path, env) if node_rank == 0 else None
+        super().__init__(spec_path, log_path, env,
+                         command=command or torchrun_command(launcher, spec_path, node_rank))
+
+
+def slurm_tasks(env: dict[str, str]) -> int:
+    """Tasks of the Slurm allocation this process runs in (0 outside one)."""
+    if not env.get("SLURM_JOB_ID"):
+        return 0
+    for key in ("SLURM_NTASKS", "SLURM_NPROCS", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    return 1
+
+
+def slurm_command(launcher: dict[str, Any], spec_path: Path, env: dict[str, str]) -> list[str] | None:
+    """`srun` starting the stage's torchrun once per node of the allocation, or None when the stage
+    spans one node or the allocation has fewer tasks than the stage has nodes (then the stage's
+    rdzv_endpoint and `trainpipe join` on the other nodes, as without a scheduler)."""
+    nnodes = int(launcher.get("nnodes") or 1)
+    if nnodes <= 1 or slurm_tasks(env) < nnodes:
+        return None
+    command = ["srun", f"--ntasks={nnodes}", "--kill-on-bad-exit=1", "--export=ALL",
+               f"--job-name=trainpipe-{spec_path.parent.name}"]
+    if int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1) >= nnodes:
+        command += [f"--nodes={nnodes}", "--ntasks-per-node=1"]
+    return command + [sys.executable, "-m", "trainpipe.engine.stage_process", "--slurm-task", str(spec_path)]
+
+
+def _slurm_master(launcher: dict[str, Any], spec: dict[str, Any]) -> tuple[str, str]:
+    """Where a Slurm task's torchrun meets the others: the allocation's first host, and the port of
+    the stage's rdzv_endpoint, else one derived from the job and the attempt (two attempts of one job
+    in quick succession must not meet a port still in TIME_WAIT)."""
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or "localhost"
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               check=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        hosts = []
+    host = hosts[0] if hosts else nodelist.split(",")[0]
+    if launcher.get("rdzv_endpoint"):
+        return host, str(launcher["rdzv_endpoint"]).rsplit(":", 1)[1]
+    job = int("".join(c for c in os.environ.get("SLURM_JOB_ID", "0") if c.isdigit()) or 0)
+    return host, str(20000 + (job * 37 + int(spec.get("attempt") or 1)) % 20000)
+
+
+def _slurm_task(spec_path: Path) -> None:
+    """One task of the srun above: this node's torchrun, node rank = the task's rank."""
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    launcher = spec["config"][spec["stage"]]["launcher"]
+    node_rank = int(os.environ.get("SLURM_PROCID") or os.environ.get("SLURM_NODEID") or 0)
+    command = torchrun_command(launcher, spec_path, node_rank, master=_slurm_master(launcher, spec))
+    os.execv(command[0], command)
 
 
 class _Forked(StageProcess):
@@ -255,3 +314,10 @@ def signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except ProcessLookupError:
         pass
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--slurm-task":
+        _slurm_task(Path(sys.argv[2]))
+    else:
+        sys.exit("usage: python -m trainpipe.engine.stage_process --slurm-task SPEC")

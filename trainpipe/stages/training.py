@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +16,40 @@ from trainpipe.checkpoints import write_manifest
 from trainpipe.stages import distributed
 from trainpipe.stages.base import StageContext
 
-# Set by SIGTERM/SIGINT in the stage process: save at the next step boundary and stop (preemption).
-_STOP_REQUESTED = {"flag": False}
+# Set by SIGTERM/SIGINT/SIGUSR2 in the stage process: save at the next step boundary and stop
+# (preemption). `at_once`: no training step is running (loading, merging, the gate), so there is no
+# step boundary to wait for and nothing a checkpoint would keep: the stop is raised where the process is.
+_STOP_REQUESTED = {"flag": False, "at_once": False}
 
 
 def install_preemption_handler() -> None:
     def request_stop(signum: int, _frame: Any) -> None:
         _STOP_REQUESTED["flag"] = True
+        if _STOP_REQUESTED["at_once"]:
+            _STOP_REQUESTED["at_once"] = False
+            raise Preempted(f"stopped by {signal.Signals(signum).name} outside a training step")
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    # SIGUSR2 too: a scheduler's warning sent to every process of the job (no `B:`) must stop the
+    # stage, not kill it (USR2's default action).
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+        signal.signal(sig, request_stop)
 
 
 def stop_requested() -> bool:
     return _STOP_REQUESTED["flag"]
+
+
+@contextmanager
+def stop_at_once(enabled: bool = True) -> Iterator[None]:
+    """Inside: a stop request raises Preempted at once (True) or waits for the step boundary (False)."""
+    previous = _STOP_REQUESTED["at_once"]
+    _STOP_REQUESTED["at_once"] = enabled
+    try:
+        if enabled and _STOP_REQUESTED["flag"]:
+            raise Preempted("stopped on request before this phase began")
+        yield
+    finally:
+        _STOP_REQUESTED["at_once"] = previous
 
 
 def trainer_kwargs(ctx: StageContext, settings: Any) -> dict[str, Any]:
@@ -177,7 +199,8 @@ def train(trainer: Any, ctx: StageContext) -> Any:
     if checkpoint and _trained_to_the_end(checkpoint):
         result = _load_final_checkpoint(trainer, checkpoint, ctx)
     else:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        with stop_at_once(False):  # the callback saves at the next step boundary and stops there
+            result = trainer.train(resume_from_checkpoint=checkpoint)
     distributed.finish()
     if stop_requested():
         raise Preempted(f"{ctx.spec.stage} stopped at step {trainer.state.global_step} on request")
@@ -210,8 +233,9 @@ class OtherRankDone(Exception):
     """A rank other than 0 finished training: rank 0 writes the output and runs the gate alone."""
 
 
-class Preempted(Exception):
-    """The stage saved a checkpoint and stopped because SIGTERM/SIGINT asked it to."""
+class Preempted(BaseException):  # not Exception: no library's `except Exception` may swallow it
+    """The stage stopped because SIGTERM/SIGINT/SIGUSR2 asked it to: at a step boundary, after saving
+    a checkpoint, or at once where no training step was running."""
 
 
 def log_losses(history: list[dict[str, Any]], key: str = "loss") -> list[float]:

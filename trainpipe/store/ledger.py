@@ -514,6 +514,22 @@ class Ledger(LedgerReader):
             ).values(outcome=outcome, finished_at=time.time(), error=error))
             return result.rowcount
 
+    # ------------------------------------------------------------ scheduler jobs
+
+    def record_job_start(self, run_id: str, *, scheduler: str, job_id: str, restart_count: int,
+                         nodes: str | None) -> int:
+        """This process, started by the scheduler's job `job_id`, drives the run now; returns the row id."""
+        with self._write() as conn:
+            result = conn.execute(insert(s.scheduler_jobs).values(
+                run_id=run_id, scheduler=scheduler, job_id=job_id, restart_count=restart_count, nodes=nodes,
+                host=HOST, pid=os.getpid(), started_at=time.time()))
+            return int(result.inserted_primary_key[0])
+
+    def record_job_end(self, job_row_id: int, end_reason: str, *, requeued: bool = False) -> None:
+        with self._write() as conn:
+            conn.execute(update(s.scheduler_jobs).where(s.scheduler_jobs.c.id == job_row_id).values(
+                ended_at=time.time(), end_reason=end_reason, requeued=requeued))
+
     # ------------------------------------------------------------ records
 
     def record_checkpoint(self, run_id: str, stage: str, attempt_id: int, step: int, path: str,

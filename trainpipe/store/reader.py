@@ -29,7 +29,7 @@ LEDGER_HINT = "pass --db sqlite:///PATH (or set TRAINPIPE_DB) to use another led
 # against Alembic's script directory). trainpipe 0.1.0, before Alembic, recorded the same names as rows
 # of schema_migrations. Reading these here, not through Alembic, keeps `status` from importing it.
 MIGRATION_NAMES = ("0001_initial", "0002_error_kinds", "0003_lookup_indexes", "0004_attempt_worker",
-                   "0005_stage_cache", "0006_sweeps", "0007_lineage")
+                   "0005_stage_cache", "0006_sweeps", "0007_lineage", "0008_scheduler_jobs")
 HEAD = MIGRATION_NAMES[-1]
 # The row schema_migrations gets once Alembic owns the schema: trainpipe 0.1.0 reads only that table,
 # and so refuses such a ledger as "created by a newer trainpipe" rather than writing to it.
@@ -39,7 +39,7 @@ ALEMBIC_MARKER = "alembic"
 # against the JSON and Boolean columns of store/schema.py.
 _JSON_COLUMNS = frozenset({"config_snapshot", "cache_policy", "overrides", "metrics", "detail", "value",
                            "threshold", "spec", "params", "lineage"})
-_BOOL_COLUMNS = frozenset({"passed"})
+_BOOL_COLUMNS = frozenset({"passed", "requeued"})
 _IN_CHUNK = 500  # ids per IN (...) list: far below SQLite's host-parameter limit
 
 _RUN_LISTING = ("run_id, pipeline_id, state, current_stage, created_at, updated_at, finished_at, owner_pid, "
@@ -221,6 +221,21 @@ class LedgerReader:
 
     def transitions(self, run_id: str) -> list[dict[str, Any]]:
         return self._by_run("transitions", run_id)
+
+    def scheduler_jobs(self, run_id: str) -> list[dict[str, Any]]:
+        """Each scheduler job (Slurm) that ran the run's command, oldest first."""
+        return self._by_run("scheduler_jobs", run_id)
+
+    def latest_jobs(self, run_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """run id -> its newest scheduler job, for the runs that have one (`status`)."""
+        latest: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(run_ids), _IN_CHUNK):
+            params: dict[str, Any] = {}
+            ids = _placeholders("r", run_ids[start:start + _IN_CHUNK], params)
+            for row in self._read(f"SELECT * FROM scheduler_jobs WHERE id IN (SELECT MAX(id) FROM scheduler_jobs "
+                                  f"WHERE run_id IN ({ids}) GROUP BY run_id)", **params):
+                latest[row["run_id"]] = row
+        return latest
 
     def gates(self, run_id: str) -> list[dict[str, Any]]:
         gates = self._by_run("gate_results", run_id)

@@ -183,6 +183,26 @@ stage_leases = Table(
     Column("claimed_at", Float, nullable=False),
 )
 
+# migration 0008: each time a batch scheduler (Slurm) started the run's command: a requeued job is the
+# same job id with a higher restart count (engine/scheduler.py). `end_reason` is how that job's process
+# left the run: succeeded, failed, rejected, preempted (warned, then requeued), requeue_refused, ...
+scheduler_jobs = Table(
+    "scheduler_jobs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(128), ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False),
+    Column("scheduler", String(16), nullable=False),
+    Column("job_id", String(64), nullable=False),
+    Column("restart_count", Integer, nullable=False),
+    Column("nodes", Text),
+    Column("host", String(255)),
+    Column("pid", Integer),
+    Column("started_at", Float, nullable=False),
+    Column("ended_at", Float),
+    Column("end_reason", String(32)),
+    Column("requeued", Boolean),  # this job asked the scheduler to requeue it when it ended
+)
+Index("ix_scheduler_jobs_run", scheduler_jobs.c.run_id, scheduler_jobs.c.id)
+
 schema_migrations = Table(
     "schema_migrations", metadata,
     Column("name", String(64), primary_key=True),
