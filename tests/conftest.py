@@ -143,21 +143,28 @@ def resume_overrides(output_dir: Path) -> list[str]:
     return fast_overrides(output_dir) + ["checkpoint_every_n_steps=2", "sft.max_steps=12", "dpo.max_steps=6"]
 
 
-@pytest.fixture(scope="session")
-def reference_weights(tmp_path_factory, model_cache):
-    """One uninterrupted run; every interrupted scenario must land on exactly these weights."""
+def uninterrupted_run(tmp_path_factory, model_cache, name: str, overrides) -> Path:
+    """The quickstart with `overrides(output_dir)`, run once in-process with a ledger and home of its
+    own and no fault: the run dir of a reference that interrupted runs must end on."""
     import trainpipe
-    from helpers import final_weights
 
-    out = tmp_path_factory.mktemp("reference")
+    out = tmp_path_factory.mktemp(name)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("TRAINPIPE_DB", f"sqlite:///{out / 'ledger.db'}")
         env.setenv("TRAINPIPE_CACHE", str(model_cache))
         env.setenv("TRAINPIPE_HOME", str(out / "home"))
         env.delenv("TRAINPIPE_FAULT", raising=False)
-        result = trainpipe.run(QUICKSTART, overrides=resume_overrides(out / "artifacts"))
+        result = trainpipe.run(QUICKSTART, overrides=overrides(out / "artifacts"))
     assert result.state == "succeeded", result.errors
-    return final_weights(Path(result.run_dir))
+    return Path(result.run_dir)
+
+
+@pytest.fixture(scope="session")
+def reference_weights(tmp_path_factory, model_cache):
+    """One uninterrupted run; every interrupted scenario must land on exactly these weights."""
+    from helpers import final_weights
+
+    return final_weights(uninterrupted_run(tmp_path_factory, model_cache, "reference", resume_overrides))
 
 
 def pytest_collection_modifyitems(config, items) -> None:

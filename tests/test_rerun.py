@@ -5,7 +5,10 @@ tests/test_slurm.py)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -14,7 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QUICKSTART, resume_overrides
+import yaml
+from conftest import QUICKSTART, REPO_ROOT, resume_overrides
 from helpers import assert_continued_from_checkpoint, assert_identical, cli, final_weights, trainer_steps, wait_for
 
 from trainpipe.store.ledger import Ledger
@@ -72,26 +76,60 @@ def test_the_same_command_reports_a_finished_run_and_refuses_another_config(tmp_
     assert _ledger_rows(db_url, "same-cmd") == before
 
 
-@pytest.mark.parametrize("how", ["slurm_warning", "kubernetes_eviction"])
+EXAMPLES = REPO_ROOT / "examples" / "cluster"
+
+
+def example_command(name: str, out: Path) -> tuple[str, dict[str, str]]:
+    """The shell command an example runs, as its system would run it, and the environment that system
+    sets: the PyTorchJob's container command (the training operator's PET_*/MASTER_* variables), the
+    SkyPilot task's `run:` (its `envs:` and SKYPILOT_* variables). The mounted run dir is `out`."""
+    spec = yaml.safe_load((EXAMPLES / name).read_text(encoding="utf-8"))
+    if name == "pytorchjob.yaml":
+        [container] = spec["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+        assert container["command"][:2] == ["bash", "-c"]
+        command = container["command"][2]
+        env = {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": "23456", "WORLD_SIZE": "1", "RANK": "0"}
+    else:
+        command = spec["run"].strip()
+        env = {**{k: str(v) for k, v in spec["envs"].items()}, "SKYPILOT_NODE_RANK": "0",
+               "SKYPILOT_NODE_IPS": "127.0.0.1", "SKYPILOT_NUM_NODES": "1", "SKYPILOT_NUM_GPUS_PER_NODE": "0"}
+    assert " --run-id " in command and command.startswith("exec trainpipe run configs/quickstart.yaml")
+    return command.replace("/runs", str(out)), env
+
+
+@pytest.mark.parametrize("how", ["slurm_warning", "pytorchjob.yaml", "skypilot.yaml"])
 def test_a_stop_signal_then_the_same_command_continues_bit_identical(tmp_path, db_url, reference_weights, how):
-    """Slurm's warning (SIGUSR2, `--signal=B:USR2@GRACE`) or an eviction's SIGTERM (Kubernetes,
-    SkyPilot) mid-SFT: the stage saves at the step boundary, the run stops `interrupted`, and the same
-    command continues it from that checkpoint, with no step trained twice."""
+    """Slurm's warning (SIGUSR2, `--signal=B:USR2@GRACE`), or the SIGTERM of a pod eviction or a spot
+    VM's shutdown running the shipped Kubernetes and SkyPilot examples, mid-SFT: the stage saves at
+    the step boundary, the run stops `interrupted`, and the same command, run again as the system
+    reruns it, continues from that checkpoint with no step trained twice."""
     overrides = resume_overrides(tmp_path / "out")
     # Holds step 5 for a moment (once), so that the signal arrives while SFT is training.
     fault = {"stage": "sft", "step": 5, "action": "pause", "seconds": 3, "once_file": str(tmp_path / "paused")}
     if how == "slurm_warning":
         env, sig, reason = _env(SLURM_JOB_ID="31337", SLURM_JOB_NODELIST="node1"), signal.SIGUSR2, "preempted"
         run_id = "quickstart-slurm-31337"  # the default id inside a Slurm job
-        args = _sets(overrides) + ["--max-requeues", "0"]  # no scontrol here: tests/test_slurm.py requeues
+        argv = [sys.executable, "-m", "trainpipe.cli.app", "run", str(QUICKSTART), *_sets(overrides),
+                "--max-requeues", "0"]  # no scontrol here: tests/test_slurm.py requeues
     else:
-        # What a PyTorchJob sets for torchrun; trainpipe's single-node stages leave them alone.
-        env = _env(PET_NNODES="1", PET_NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
-        sig, reason, run_id = signal.SIGTERM, "terminated", "pod-run"
-        args = _sets(overrides) + ["--run-id", run_id]
-    proc = _start(args, {**env, "TRAINPIPE_FAULT": __import__("json").dumps(fault)}, tmp_path / "first.log")
+        # The example's command in a copy of the repo's layout (configs/, examples/task_api/), with the
+        # test's short settings appended; `trainpipe` on PATH as in the image.
+        work = tmp_path / "work"
+        shutil.copytree(REPO_ROOT / "configs", work / "configs")
+        shutil.copytree(REPO_ROOT / "examples" / "task_api", work / "examples" / "task_api")
+        command, system_env = example_command(how, tmp_path / "out")
+        command += " " + " ".join(f"--set {o}" for o in overrides if not o.startswith("output_dir="))
+        run_id = re.search(r"--run-id (\S+)", command).group(1)
+        run_id = system_env.get(run_id.strip("${}"), run_id)
+        env = _env(**system_env, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        argv = ["bash", "-c", f"cd {work} && {command}"]
+        sig, reason = signal.SIGTERM, "terminated"
+    with (tmp_path / "first.log").open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                env={**env, "TRAINPIPE_FAULT": json.dumps(fault)})
     wait_for(lambda: (tmp_path / "paused").exists() or proc.poll() is not None, timeout=300, what="SFT at step 5")
-    proc.send_signal(sig)
+    proc.send_signal(sig)  # `exec`: the signal reaches trainpipe itself, as the system sends it to PID 1
     assert proc.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()
 
     ledger = Ledger(db_url)
@@ -109,7 +147,7 @@ def test_a_stop_signal_then_the_same_command_continues_bit_identical(tmp_path, d
             ("31337", 0, "preempted", False)]
         assert "used its 0 requeue(s)" in (tmp_path / "first.log").read_text()
 
-    again = cli(*(["run", str(QUICKSTART)] + args), env=env)
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert_continued_from_checkpoint(ledger, run_id, "sft")
     assert ledger.attempts(run_id, "sft")[-1]["resumed_from"].endswith(f"checkpoint-{newest}")
@@ -143,7 +181,7 @@ def test_a_requeued_job_takes_its_run_over_at_once_and_another_job_is_refused(tm
     run_id = "quickstart-slurm-4242"
     fault = {"stage": "sft", "step": 5, "action": "pause", "seconds": 600, "once_file": str(tmp_path / "paused")}
     job = dict(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node1", SLURM_RESTART_COUNT="0")
-    first = _start(_sets(overrides), {**_env(**job), "TRAINPIPE_FAULT": __import__("json").dumps(fault)},
+    first = _start(_sets(overrides), {**_env(**job), "TRAINPIPE_FAULT": json.dumps(fault)},
                    tmp_path / "first.log")
     try:
         wait_for(lambda: (tmp_path / "paused").exists() or first.poll() is not None, timeout=300,

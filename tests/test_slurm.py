@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QUICKSTART, resume_overrides
+from conftest import QUICKSTART, resume_overrides, uninterrupted_run
 from helpers import (
     assert_continued_from_checkpoint,
     assert_identical,
@@ -27,6 +27,8 @@ from helpers import (
     trainer_steps,
     wait_for,
 )
+
+from test_ui import Server, _open, browser  # noqa: F401 - the headless Chromium fixture
 
 from trainpipe import checkpoints
 from trainpipe.store.ledger import Ledger
@@ -104,19 +106,49 @@ def test_submitted_quickstart_runs_to_the_plain_runs_weights_and_a_resubmit_trai
     ledger.close()
 
 
+def _shows_the_run_waiting_in_the_queue(run_id: str, job_id: str, db_url: str, browser) -> None:
+    """`status` (table and JSON) and the dashboard's runs and run pages, in a real browser."""
+    [row] = [r for r in json.loads(cli("status", "--json", check=True).stdout) if r["run_id"] == run_id]
+    assert row["state"] == "interrupted"
+    assert (row["job"]["job_id"], row["job"]["restart_count"], row["job"]["queued"]) == (job_id, 0, True)
+    assert f"waits in the slurm queue as job {job_id} (requeue 1)" in cli("status", check=True).stdout
+    assert f"{job_id}" in cli("inspect", run_id, check=True).stdout
+    server = Server(db_url, os.environ.copy())
+    try:
+        _open(browser, server.url + "/")
+        note = browser.find_element("css selector", f'tr[data-run="{run_id}"] td.note').text
+        assert f"waiting in the slurm queue as job {job_id}" in note
+        _open(browser, f"{server.url}/runs/{run_id}")
+        assert f"job {job_id} was requeued" in browser.find_element("id", "job-queued").text
+        rows = browser.find_elements("css selector", "#scheduler-jobs tbody tr")
+        assert [r.find_elements("css selector", "td")[1].text for r in rows] == [job_id]
+        assert "preempted, requeued" in rows[0].text
+    finally:
+        server.stop()
+
+
 def test_warning_mid_sft_checkpoints_requeues_and_the_requeued_job_resumes_bit_identical(
-        slurm_cluster, tmp_path, db_url, reference_weights):
+        slurm_cluster, tmp_path, db_url, reference_weights, browser):
     paused = tmp_path / "paused"
     job_id, run_id, script = submit(tmp_path, resume_overrides(tmp_path / "out"), fault={
         "stage": "sft", "step": 5, "action": "pause", "seconds": 3, "once_file": str(paused)})
     wait_for(paused.exists, timeout=300, what="SFT to reach step 5")
     scancel_usr2(job_id)
+    # Hold the requeued job in the queue, to look at the run while it waits there.
+    ledger = Ledger(db_url)
+    wait_for(lambda: [j["requeued"] for j in ledger.scheduler_jobs(run_id)] == [True], timeout=120,
+             what="the job to requeue itself")
+    # COMPLETING while its processes end, then PENDING (Reason=BeginTime) for ~5 s before it runs again.
+    wait_for(lambda: job_info(job_id)["JobState"] == "PENDING", timeout=60, interval=0.1, what="the job to pend")
+    subprocess.run(["scontrol", "hold", job_id], check=True, timeout=30)
+    assert job_info(job_id)["JobState"] == "PENDING"
+    _shows_the_run_waiting_in_the_queue(run_id, job_id, db_url, browser)
+    subprocess.run(["scontrol", "release", job_id], check=True, timeout=30)
     info = wait_job(job_id, restarts=1)
     log = job_log(script, job_id)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log
     assert f"requeued slurm job {job_id} (requeue 1 of 5)" in log
 
-    ledger = Ledger(db_url)
     run = ledger.get_run(run_id)
     assert run["state"] == "succeeded"
     first, second = ledger.attempts(run_id, "sft")
@@ -202,18 +234,10 @@ def test_a_second_submission_of_the_same_script_while_the_first_runs_is_refused(
 @pytest.fixture(scope="module")
 def two_rank_reference(tmp_path_factory, model_cache):
     """SFT on two ranks of one torchrun, uninterrupted: the adapter a two-node run must equal."""
-    import trainpipe
     from test_ddp import ddp_overrides
 
-    out = tmp_path_factory.mktemp("two-rank-reference")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("TRAINPIPE_DB", f"sqlite:///{out / 'ledger.db'}")
-        env.setenv("TRAINPIPE_CACHE", str(model_cache))
-        env.setenv("TRAINPIPE_HOME", str(out / "home"))
-        env.delenv("TRAINPIPE_FAULT", raising=False)
-        result = trainpipe.run(QUICKSTART, overrides=ddp_overrides(out / "artifacts"))
-    assert result.state == "succeeded", result.errors
-    return load_weights(Path(result.run_dir) / "sft" / "adapter_model.safetensors")
+    run_dir = uninterrupted_run(tmp_path_factory, model_cache, "two-rank-reference", ddp_overrides)
+    return load_weights(run_dir / "sft" / "adapter_model.safetensors")
 
 
 def test_a_two_node_stage_is_started_on_every_task_by_srun(slurm_cluster, tmp_path, db_url, two_rank_reference):
