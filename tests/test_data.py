@@ -27,7 +27,11 @@ def dataset_error(path: Path, kind: str) -> str:
     with pytest.raises(DatasetError) as info:
         validate_jsonl(path, kind)
     assert info.value.exit_code == 2
-    return info.value.message
+    # Every dataset error ends with the config key (or option) that names the file: what the user edits.
+    option = {"sft": " or --sft-dataset", "preference": " or --preference-dataset"}.get(kind, "")
+    key = f" (set by datasets.{kind}{option})"
+    assert info.value.message.endswith(key), info.value.message
+    return info.value.message.removesuffix(key)
 
 
 # ------------------------------------------------------------------ good files

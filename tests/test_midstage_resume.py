@@ -82,4 +82,8 @@ def test_corrupt_newest_checkpoint_is_skipped_with_reason(tmp_path, db_url, refe
     assert assert_continued_from_checkpoint(ledger, run_id, "sft") == 4
     start = [t for t in ledger.transitions(run_id) if t["stage"] == "sft" and t["trigger"] == "start"][-1]
     assert "does not match its sha256" in start["detail"]["skipped_checkpoints"][0]
+    # Said where the user looks: the resume's own output, and `inspect`.
+    assert f"sft: checkpoint passed over: {newest['path']}" in " ".join(resumed.stdout.split())
+    shown = " ".join(cli("inspect", run_id, check=True).stdout.split())
+    assert f"checkpoint passed over: {newest['path']}" in shown and "does not match its sha256" in shown
     assert_identical(reference_weights, final_weights(Path(ledger.get_run(run_id)["run_dir"])))

@@ -335,7 +335,9 @@ def test_bad_row_in_parquet_names_the_row_index(tmp_path):
     path = _write_kind("parquet", tmp_path, rows)
     with pytest.raises(DatasetError) as info:
         data.validate(path, "sft")
-    assert info.value.message == f"{path} row 30: 'messages' has no assistant turn to learn from"
+    # The row, and the config key that names the file (what the user edits).
+    assert info.value.message == (f"{path} row 30: 'messages' has no assistant turn to learn from "
+                                  "(set by datasets.sft or --sft-dataset)")
 
 
 def test_row_checks_stream(tmp_path):

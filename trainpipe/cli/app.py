@@ -3,16 +3,36 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from trainpipe.errors import EXIT_INTERRUPTED, EXIT_STAGE_FAILED, TrainpipeError
+from trainpipe.errors import EXIT_STAGE_FAILED, TrainpipeError
 
+# Markdown, not rich markup: help texts quote extras, splits and env vars in brackets ('trainpipe[ui]',
+# hub:ORG/NAME[:SPLIT]), which rich markup would take for style tags and drop.
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown",
                   help="Reproducible, resumable SFT -> merge -> DPO pipelines with validation gates.")
+
+
+@app.callback(invoke_without_command=True)
+def _options(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", help="Print trainpipe's version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="With --version: also the libraries, the device and "
+                                          "the CPU kernel, as a run's lineage records them.")] = False,
+) -> None:
+    if version:
+        from trainpipe.cli.crash import version_lines
+
+        for line in version_lines(verbose):
+            print(line)
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
 
 DbOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the ledger [env: TRAINPIPE_DB].",
                                                envvar="TRAINPIPE_DB", show_default=False)]
@@ -365,25 +385,9 @@ def ui(
 
 
 def main() -> None:
-    # Click's standalone mode handles usage errors (exit 2) and typer.Exit; our own errors become one
-    # message and their exit code, and anything else one screen and exit 1: never a traceback.
-    try:
-        app()
-    except TrainpipeError as exc:
-        _renderer().error(exc.message, exc.hint)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)
-    except Exception as exc:  # noqa: BLE001 - the last resort; the traceback goes to a file
-        from trainpipe.cli.crash import crash_report, disk_report
-        from trainpipe.failures import ENVIRONMENT, classify
+    from trainpipe.cli.crash import run_guarded
 
-        failure = classify(exc)
-        if failure.kind == ENVIRONMENT:
-            # A full disk is not a bug, wherever it surfaced: one message, no crash log (there may be
-            # no room for one anyway).
-            sys.exit(disk_report(failure, _session["run_id"]))
-        sys.exit(crash_report(exc, _session["run_id"]))
+    run_guarded(app, lambda: _renderer(), lambda: _session["run_id"])
 
 
 if __name__ == "__main__":

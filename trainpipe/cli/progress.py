@@ -6,12 +6,35 @@ from __future__ import annotations
 from typing import Any
 
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from trainpipe import humanize
 from trainpipe.cli.render import Renderer, _state
 from trainpipe.engine.observer import Observer
 from trainpipe.engine.sweep import SweepObserver
+
+
+class StageTimeColumn(ProgressColumn):
+    """The time left while a stage runs; once it ended (passed, failed, interrupted), how long it took."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._remaining = TimeRemainingColumn()
+
+    def render(self, task: Task) -> Text:
+        if task.stop_time is None:
+            return self._remaining.render(task)
+        seconds = int(task.elapsed or 0)
+        return Text(f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.elapsed")
 
 
 class ProgressObserver(Observer):
@@ -26,7 +49,7 @@ class ProgressObserver(Observer):
 
     def _new_bars(self) -> None:
         self.progress = Progress(TextColumn("{task.description:<6}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[loss]}"), StageTimeColumn(),
                                  console=self.console, transient=False)
         self.tasks: dict[str, Any] = {}
 
@@ -62,9 +85,12 @@ class ProgressObserver(Observer):
     def stage_finished(self, stage: str, state: str, metrics: dict[str, Any], gate: Any, error: str | None) -> None:
         task = self.tasks.get(stage)
         if task is not None:
-            total = self.progress.tasks[task].total
-            self.progress.update(task, completed=total or 1, total=total or 1,
-                                 description=f"{stage} {state}")
+            if state in ("passed", "rejected"):  # trained to its end (a rejection is the gate's verdict after)
+                total = self.progress.tasks[task].total
+                self.progress.update(task, completed=total or 1, total=total or 1)
+            # A failed or interrupted stage keeps the step it reached: never a full bar.
+            self.progress.update(task, description=f"{stage} {state}")
+            self.progress.stop_task(task)
         elif state == "skipped":
             self._ensure_started()
             self.progress.console.print(f"{stage}: skipped (disabled)")

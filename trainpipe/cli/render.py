@@ -81,7 +81,7 @@ class Renderer:
         for item in previews:
             self.out.print(f"[bold]{escape(item['role'])}[/]: {escape(item['source'])}")
             self.out.print(f"  format {item['format']}, {item['rows']:,} rows (checked in {item['check_seconds']:.2f} s), "
-                           f"loss on {escape(item['loss'])}, max_length {item['max_length']}")
+                           f"loss: {escape(item['loss'])}, max_length {item['max_length']}")
             for part, pieces in item["example"].items():
                 self.out.print(f"  first example, {part}: {item['tokens'][part]} tokens, "
                                f"{item['loss_tokens'][part]} carry loss")
@@ -233,6 +233,8 @@ class Renderer:
                                markup=False)
             if stage["checkpoints"]:
                 self.out.print("  checkpoints: " + ", ".join(f"step {c['step']}" for c in stage["checkpoints"]))
+            for passed_over in stage.get("skipped_checkpoints") or []:
+                self.out.print(f"  checkpoint passed over: {passed_over}", markup=False, soft_wrap=True)
             for name, points in stage.get("curves", {}).items():
                 values = [v for _, v in points]
                 self.out.print(f"  {name:<18} {sparkline(values)}  {humanize.short(values[0])} -> {humanize.short(values[-1])} "

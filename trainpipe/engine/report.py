@@ -84,6 +84,7 @@ def run_report(ledger: LedgerReader, run_id: str, *, mark_abandoned: bool = True
     gates = ledger.gates(run_id)
     curves = metric_curves(ledger.metrics(run_id))
     jobs = ledger.scheduler_jobs(run_id)
+    transitions = ledger.transitions(run_id)
     stages = []
     for stage in ledger.stages(run_id):
         name = stage["name"]
@@ -115,6 +116,9 @@ def run_report(ledger: LedgerReader, run_id: str, *, mark_abandoned: bool = True
             } for a in mine],
             "checkpoints": [{"step": c["step"], "path": c["path"], "attempt_id": c["attempt_id"]}
                             for c in checkpoints if c["stage"] == name],
+            # Checkpoints a resume passed over, and why (recorded with the stage's `start` transitions).
+            "skipped_checkpoints": [entry for t in transitions if t["stage"] == name and t["trigger"] == "start"
+                                    for entry in (t["detail"] or {}).get("skipped_checkpoints", [])],
             "curves": curves.get(name, {}),
             "gate": None if gate is None else {
                 "name": gate["gate"], "passed": bool(gate["passed"]), "carried_from": gate["carried_from"],
@@ -142,7 +146,7 @@ def run_report(ledger: LedgerReader, run_id: str, *, mark_abandoned: bool = True
         "lineage": lineage_view(run, ledger.artifacts(run_id)),
         "stages": stages,
         "transitions": [{k: t[k] for k in ("id", "stage", "from_state", "to_state", "trigger", "at", "pid",
-                                           "host", "detail")} for t in ledger.transitions(run_id)],
+                                           "host", "detail")} for t in transitions],
     }
 
 

@@ -73,6 +73,8 @@ def run_stage(ledger: Ledger, run_id: str, config: PipelineConfig, run_dir: Path
         ledger.transition_stage(run_id, name, "start", advance("stage", "start"), detail=detail)
         attempt_id, attempt_no = ledger.open_attempt(run_id, name, resumed_from=resume_from, overrides=overrides)
         observer.stage_started(name, attempt_no, resume_from)
+        for passed_over in skipped:  # a damaged checkpoint (a full disk, a kill mid-save) is said, not hidden
+            observer.note(f"{name}: checkpoint passed over: {passed_over}")
         faults.orchestrator_point(f"{name}:start")
         spec = StageSpec(stage=name, run_id=run_id, attempt=attempt_no, config=config.model_dump(mode="json"),
                          run_dir=str(run_dir), output_dir=str(output_dir), work_dir=str(work_dir),

@@ -27,7 +27,17 @@ def _as_source(source: DatasetSource | str | Path) -> DatasetSource:
 def validate(source: DatasetSource | str | Path, role: str,
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Check every row; return {'rows': n, 'format': name, 'seconds': s}. Raises DatasetError naming
-    file:line (text files) or the row index (everything else)."""
+    the config key the user edits (datasets.ROLE, or its command-line option) and file:line (text
+    files) or the row index (everything else)."""
+    try:
+        return _validate(source, role, progress)
+    except DatasetError as exc:
+        option = {"sft": " or --sft-dataset", "preference": " or --preference-dataset"}.get(role, "")
+        raise DatasetError(f"{exc.message} (set by datasets.{role}{option})", hint=exc.hint) from None
+
+
+def _validate(source: DatasetSource | str | Path, role: str,
+              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     source = _as_source(source)
     started = time.perf_counter()
     if source.path and not source.hub:

@@ -75,8 +75,10 @@ def preview(config: Any) -> list[dict[str, Any]]:
                                   max_length=settings.max_seq_length)
         out.append({"role": role, "source": source.label(), "format": checked["format"], "rows": checked["rows"],
                     "check_seconds": checked["seconds"], "max_length": settings.max_seq_length,
-                    "loss": ("not trained on (held out; the reply is the reference)" if role.endswith("eval")
-                             else "completion only" if completion_only or role == "preference" else "every token"),
+                    "loss": ("none, held out for the gate (the reply is what the model's output is compared with)"
+                             if role.endswith("eval")
+                             else "on the completion only" if completion_only or role == "preference"
+                             else "on every token"),
                     "example": rendered,
                     "tokens": {part: len(pieces) for part, pieces in rendered.items()},
                     "loss_tokens": {part: sum(p["loss"] for p in pieces) for part, pieces in rendered.items()}})

@@ -1,0 +1,96 @@
+"""What a new user meets around the commands (issue 32): bracketed text in help, a reader that goes
+away early, `--version`. Each observed from the real CLI process."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import QUICKSTART
+from helpers import cli
+
+from trainpipe.cli.app import app
+
+
+def _help_texts(command) -> list[str]:
+    texts = [command.help or ""]
+    for param in command.params:
+        texts.append(getattr(param, "help", None) or "")
+    return texts
+
+
+def _commands():
+    import typer
+
+    group = typer.main.get_command(app)
+    return [("", group)] + sorted(group.commands.items())
+
+
+@pytest.mark.parametrize("name", [name for name, _ in _commands()])
+def test_help_shows_every_bracketed_text_it_was_given(name):
+    """`[ui]`, `[:SPLIT]`, `(env ...)`: rich markup took bracketed words for style tags and dropped
+    them ("pip install 'trainpipe'"). Every bracket of every help text must reach the screen."""
+    command = dict(_commands())[name]
+    brackets = {b for text in _help_texts(command) for b in re.findall(r"\[[^\]\s]*[^\]]*\]", text)}
+    proc = subprocess.run([sys.executable, "-m", "trainpipe.cli.app", *([name] if name else []), "--help"],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "300", "TERM": "dumb"})
+    assert proc.returncode == 0, proc.stderr
+    shown = re.sub(r"[\s│╭╮╰╯─]+", " ", proc.stdout)
+    for bracket in brackets:
+        assert re.sub(r"\s+", " ", bracket) in shown, f"{name or 'trainpipe'} --help lost {bracket!r}"
+    if name == "ui":
+        assert "pip install 'trainpipe[ui]'" in shown
+
+
+@pytest.mark.parametrize("args", [["data", str(QUICKSTART)], ["status", "--all"], ["inspect", "--graph"],
+                                  ["--version", "--verbose"]], ids=["data", "status", "graph", "version"])
+def test_a_reader_that_goes_away_ends_the_command_quietly(args):
+    """As `trainpipe data CONFIG | head -3`: the pipe's reading end is closed before the command writes."""
+    read, write = os.pipe()
+    os.close(read)
+    proc = subprocess.run([sys.executable, "-m", "trainpipe.cli.app", *args], stdout=write,
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "120"}, timeout=300)
+    os.close(write)
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
+def test_version_and_the_facts_a_lineage_records():
+    import importlib.metadata
+
+    plain = cli("--version", check=True)
+    assert plain.stdout == f"trainpipe {importlib.metadata.version('trainpipe')}\n"
+    verbose = cli("--version", "--verbose", check=True, env={**os.environ, "ATEN_CPU_CAPABILITY": "default"})
+    lines = verbose.stdout.splitlines()
+    for name in ("torch", "transformers", "trl", "peft", "datasets"):
+        assert f"{name} {importlib.metadata.version(name)}" in lines
+    assert "device cpu" in lines or any(line.startswith("device cuda") for line in lines)
+    # torch's own dispatch choice, which the variable forces to the scalar kernel.
+    assert "cpu kernel DEFAULT (ATEN_CPU_CAPABILITY=default)" in lines
+
+
+@pytest.mark.parametrize("state", ["passed", "failed", "interrupted"])
+def test_a_finished_stage_bar_shows_its_time_and_a_stopped_one_the_step_it_reached(state):
+    """The bar as the terminal shows it (rich renders into a recording console): a stage that ended
+    shows how long it ran, not 0:00:00; a failed or interrupted one keeps its step, never a full bar."""
+    import time
+
+    from rich.console import Console
+
+    from trainpipe.cli.progress import ProgressObserver
+    from trainpipe.cli.render import Renderer
+
+    renderer = Renderer()
+    renderer.out = Console(record=True, width=120, force_terminal=False)
+    observer = ProgressObserver(renderer)
+    observer.run_created("r-1", "/tmp/r-1")
+    observer.stage_started("sft", 1, None)
+    observer.stage_progress("sft", 80, 300, {"loss": 0.5})
+    time.sleep(1.2)
+    observer.stage_finished("sft", state, {}, None, None if state == "passed" else "stopped")
+    observer.close()
+    [bar] = [line for line in renderer.out.export_text().splitlines() if line.startswith(f"sft {state}")]
+    assert bar.rstrip().endswith("0:00:01"), bar
+    assert ("300/300" in bar) == (state == "passed") and ("80/300" in bar) == (state != "passed"), bar
