@@ -94,3 +94,43 @@ def test_a_finished_stage_bar_shows_its_time_and_a_stopped_one_the_step_it_reach
     [bar] = [line for line in renderer.out.export_text().splitlines() if line.startswith(f"sft {state}")]
     assert bar.rstrip().endswith("0:00:01"), bar
     assert ("300/300" in bar) == (state == "passed") and ("80/300" in bar) == (state != "passed"), bar
+
+
+@pytest.mark.slow
+def test_the_demo_ends_with_next_commands_that_work_as_printed(tmp_path):
+    """`trainpipe demo` keeps its ledger in its workdir: its last lines say how to look at the run,
+    and each of those commands works as printed; `status` here, with no ledger of its own, says where
+    the demo's runs are."""
+    import shlex
+
+    env = {k: v for k, v in os.environ.items() if k != "TRAINPIPE_DB"}  # as a new user has it
+    trainpipe = [sys.executable, "-m", "trainpipe.cli.app"]
+    demo = subprocess.run([*trainpipe, "demo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    run_id = re.search(r"^Run (\S+)", demo.stdout, re.MULTILINE).group(1)
+    lines = demo.stdout.splitlines()
+    start = lines.index("Next, with the demo's ledger:")
+    commands = [shlex.split(line) for line in lines[start + 1:start + 4]]
+    assert [c[:2] for c in commands] == [["trainpipe", "status"], ["trainpipe", "inspect"], ["trainpipe", "ui"]]
+    for command in commands[:2]:
+        proc = subprocess.run([*trainpipe, *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0 and run_id in proc.stdout, proc.stdout + proc.stderr
+    ui = subprocess.Popen([*trainpipe, *commands[2][1:], "--port", "0"], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = re.search(r"(http://\S+?:\d+)/", ui.stdout.readline()).group(1)
+        import urllib.request
+
+        with urllib.request.urlopen(f"{url}/runs/{run_id}", timeout=30) as page:
+            assert run_id in page.read().decode()
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
+
+    status = subprocess.run([*trainpipe, "status"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert status.returncode == 0 and "No runs yet" in status.stdout, status.stdout + status.stderr
+    hint = re.search(r"The demo's runs are in its own ledger: (trainpipe status .*)$", status.stdout, re.MULTILINE)
+    assert hint, status.stdout
+    shown = subprocess.run([*trainpipe, *shlex.split(hint.group(1))[1:]], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+    assert shown.returncode == 0 and run_id in shown.stdout

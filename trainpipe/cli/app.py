@@ -8,6 +8,15 @@ from typing import Annotated
 
 import typer
 
+from trainpipe.cli.options import (
+    DbOption,
+    JsonOption,
+    MaxRequeuesOption,
+    PreferenceDatasetOption,
+    RunIdOption,
+    SetOption,
+    SftDatasetOption,
+)
 from trainpipe.errors import EXIT_STAGE_FAILED, TrainpipeError
 
 # Markdown, not rich markup: help texts quote extras, splits and env vars in brackets ('trainpipe[ui]',
@@ -34,24 +43,6 @@ def _options(
         typer.echo(ctx.get_help())
         raise typer.Exit(0)
 
-DbOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the ledger [env: TRAINPIPE_DB].",
-                                               envvar="TRAINPIPE_DB", show_default=False)]
-JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set sft.learning_rate=1e-4")]
-SftDatasetOption = Annotated[str | None, typer.Option(
-    "--sft-dataset", help="SFT data: a file, folder or glob, or hub:ORG/NAME[:SPLIT] (overrides datasets.sft).")]
-PreferenceDatasetOption = Annotated[str | None, typer.Option(
-    "--preference-dataset", help="Preference data, as --sft-dataset (overrides datasets.preference).")]
-
-RunIdOption = Annotated[str | None, typer.Option(
-    "--run-id", help="Run under this id; if it exists, continue it (resume if interrupted, report if finished). "
-                     "Inside a Slurm job the default is PIPELINE-slurm-JOBID, so a requeued job continues its run.",
-    show_default=False)]
-MaxRequeuesOption = Annotated[int | None, typer.Option(
-    "--max-requeues", help="Inside a Slurm job: requeues the job asks for after the scheduler's warning "
-                           "signal (USR2) before it leaves the run interrupted (env TRAINPIPE_MAX_REQUEUES, "
-                           "default 5).", show_default=False)]
-
 # What the last-resort handler in main() can tell about the run it was driving.
 _session: dict[str, str | None] = {"run_id": None}
 
@@ -74,7 +65,7 @@ def _renderer(json_mode: bool = False):
     return Renderer(json_mode)
 
 
-def _drive(call, renderer, db: str | None) -> None:
+def _drive(call, renderer, db: str | None, after=None) -> None:
     """Run `call(ledger, observer)` with live progress, then print the summary and exit with its code."""
     from trainpipe.cli.progress import ProgressObserver
     from trainpipe.engine.report import run_report
@@ -87,6 +78,8 @@ def _drive(call, renderer, db: str | None) -> None:
         observer.close()
         _session["run_id"] = observer.run_id
     renderer.run_summary(result, run_report(ledger, result.run_id))
+    if after is not None:
+        after(result)
     raise typer.Exit(result.exit_code)
 
 
@@ -174,7 +167,12 @@ def status(
     """List runs. A run whose owner process is gone shows as interrupted."""
     from trainpipe.engine.report import status_rows
 
-    _renderer(json_output).status(status_rows(_reader(db), show_all=show_all))
+    renderer, rows = _renderer(json_output), status_rows(_reader(db), show_all=show_all)
+    renderer.status(rows)
+    if not rows and db is None:
+        from trainpipe.cli.next_steps import demo_ledger_hint
+
+        demo_ledger_hint(renderer)
 
 
 @app.command()
@@ -362,9 +360,12 @@ def demo(
     quickstart = bundled_path("configs/quickstart.yaml")
     workdir = workdir.resolve()
     db = db or os.environ.get("TRAINPIPE_DB") or f"sqlite:///{workdir / 'ledger.db'}"
+    from trainpipe.cli.next_steps import after_demo
+
+    renderer = _renderer(json_output)
     _drive(lambda ledger, observer: api.run(quickstart, ledger=ledger, observer=observer,
                                             overrides=[f"output_dir={workdir / 'artifacts'}"]),
-           _renderer(json_output), db)
+           renderer, db, after=lambda result: after_demo(renderer, db, result.run_id))
 
 
 @app.command()
