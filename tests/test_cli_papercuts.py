@@ -134,3 +134,18 @@ def test_the_demo_ends_with_next_commands_that_work_as_printed(tmp_path):
     shown = subprocess.run([*trainpipe, *shlex.split(hint.group(1))[1:]], cwd=tmp_path, env=env,
                            capture_output=True, text=True)
     assert shown.returncode == 0 and run_id in shown.stdout
+
+
+@pytest.mark.parametrize("refusal", [["--set", "sft.lora_r=0"], ["--sft-dataset", "missing.jsonl"],
+                                     ["--set", "base_model=/nonexistent/model"]],
+                         ids=["config", "dataset", "preflight"])
+def test_a_refused_run_writes_nothing_not_even_a_ledger(tmp_path, refusal):
+    """A fresh TRAINPIPE_HOME and the default ledger: the refused run exits 2 and leaves no file and no
+    directory (the ledger is opened on its first use, which a refused run never reaches)."""
+    home = tmp_path / "fresh-home"
+    env = {**{k: v for k, v in os.environ.items() if k != "TRAINPIPE_DB"}, "TRAINPIPE_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-m", "trainpipe.cli.app", "run", str(QUICKSTART),
+                           "--set", f"output_dir={tmp_path / 'out'}", *refusal], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert not home.exists() and not (tmp_path / "out").exists()

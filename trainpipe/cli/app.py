@@ -70,7 +70,9 @@ def _drive(call, renderer, db: str | None, after=None) -> None:
     from trainpipe.cli.progress import ProgressObserver
     from trainpipe.engine.report import run_report
 
-    ledger = _ledger(db)
+    from trainpipe.store.opening import LedgerOnFirstUse
+
+    ledger = LedgerOnFirstUse(db)  # a refused run leaves no ledger file behind
     observer = ProgressObserver(renderer)
     try:
         result = call(ledger, observer)

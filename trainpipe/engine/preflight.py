@@ -41,8 +41,10 @@ def check(config: PipelineConfig, ledger: Ledger, *, needs_base_model: bool = Tr
     what = "sweep" if sweep else "run"
     output_problem = output_dir_problem(config.output_dir)
     base_problem = base_model_problem(config.base_model) if needs_base_model else None
-    problems = [p for p in (output_problem, ledger_problem(ledger), base_problem,
-                            upload_problem(config), *tracker_problems(config), *launcher_problems(config)) if p]
+    problems = [p for p in (output_problem, base_problem, upload_problem(config), *tracker_problems(config),
+                            *launcher_problems(config)) if p]
+    # The ledger last, and only when nothing else stops the run: opening a new one creates its file.
+    problems = problems or [p for p in (ledger_problem(ledger),) if p]
     notes = []
     if check_disk and not output_problem and not base_problem:
         found, skipped = disk_space_problems(config, disk_stages, download=needs_base_model, sweep=sweep)

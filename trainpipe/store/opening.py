@@ -57,3 +57,24 @@ def writable(ledger: LedgerReader) -> Ledger:
     from trainpipe.store.ledger import Ledger
 
     return ledger if isinstance(ledger, Ledger) else Ledger(ledger.url)
+
+
+class LedgerOnFirstUse:
+    """The full Ledger, opened (created and migrated, if new) on its first use. A run refused for its
+    input (a bad config, a bad dataset row, a failed preflight) is refused before it needs the ledger,
+    and so leaves no ledger file or directory behind."""
+
+    def __init__(self, url: str | None = None):
+        from trainpipe.store.reader import default_db_url
+
+        self.url = url or default_db_url()
+        self._ledger: Ledger | None = None
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if self._ledger is None:
+            from trainpipe.store.ledger import Ledger
+
+            self._ledger = Ledger(self.url)
+        return getattr(self._ledger, name)
