@@ -35,7 +35,6 @@ class Job:
     restart_count: int    # 0 for the first execution, +1 for each requeue
     nodes: str | None     # the allocation's node list, in the scheduler's notation
     raw_id: str           # what `scontrol requeue` takes: SLURM_JOB_ID (an array task has its own)
-    num_nodes: int = 1
 
     def describe(self) -> str:
         restarts = f", restart {self.restart_count}" if self.restart_count else ""
@@ -49,8 +48,7 @@ def current_job(env: Mapping[str, str] = os.environ) -> Job | None:
         return None
     array_job, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
     job_id = f"{array_job}_{task}" if array_job and task else raw
-    return Job("slurm", job_id, _int(env.get("SLURM_RESTART_COUNT")), env.get("SLURM_JOB_NODELIST"), raw,
-               max(1, _int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES"), 1)))
+    return Job("slurm", job_id, _int(env.get("SLURM_RESTART_COUNT")), env.get("SLURM_JOB_NODELIST"), raw)
 
 
 def _int(value: str | None, default: int = 0) -> int:
